@@ -1,0 +1,48 @@
+"""guidance_kernels: fused CUDA and Triton kernels for diffusion-model guidance, as torch custom ops.
+
+Importing the package registers the ``guidance_kernels`` torch.library ops; it never imports
+triton or the CUDA extension and never initialises CUDA (both happen on first use).
+"""
+
+from . import _library  # noqa: F401  (registers the torch.library ops)
+from ._version import __version__
+from .backends import BackendError, use_backend
+from .combine import apg_combine, apg_momentum_buffer, cfg_zero_star_combine, guidance_combine
+from .terms import (
+    Guidance,
+    Term,
+    adaptive_pag_scale,
+    autoguidance,
+    cfg,
+    icg,
+    icg_noise_condition,
+    icg_random_labels,
+    kucvlab_pag,
+    pag,
+    sag,
+    seg,
+    sims,
+)
+
+__all__ = [
+    "__version__",
+    "BackendError",
+    "use_backend",
+    "guidance_combine",
+    "apg_combine",
+    "apg_momentum_buffer",
+    "cfg_zero_star_combine",
+    "Guidance",
+    "Term",
+    "cfg",
+    "pag",
+    "seg",
+    "sag",
+    "autoguidance",
+    "icg",
+    "sims",
+    "kucvlab_pag",
+    "adaptive_pag_scale",
+    "icg_random_labels",
+    "icg_noise_condition",
+]

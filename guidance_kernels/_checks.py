@@ -1,0 +1,140 @@
+"""Argument checks shared by the public functions.
+
+Every check runs before any kernel launch and raises ValueError/TypeError whose message
+starts with ``"<function>: <argument>: "`` so a user sees exactly which input is wrong.
+Checks that would need the *values* of a device tensor (finite scales on CUDA) are skipped:
+they would force a host synchronisation and break CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def fail(fn: str, arg: str, message: str, exc: type[Exception] = ValueError) -> None:
+    raise exc(f"{fn}: {arg}: {message}")
+
+
+def is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def float_tensor(fn: str, arg: str, t, *, allow_float64: bool = True) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        fail(fn, arg, f"expected a torch.Tensor, got {type(t).__name__}", TypeError)
+    allowed = FLOAT_DTYPES if allow_float64 else FLOAT_DTYPES[:3]
+    if t.dtype not in allowed:
+        fail(fn, arg, f"expected a floating-point tensor ({', '.join(str(d) for d in allowed)}), "
+                      f"got {t.dtype}", TypeError)
+    return t
+
+
+def same_device_dtype(fn: str, arg: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
+    if t.device != like.device:
+        fail(fn, arg, f"is on {t.device} but {like_name} is on {like.device}")
+    if t.dtype != like.dtype:
+        fail(fn, arg, f"has dtype {t.dtype} but {like_name} has {like.dtype}", TypeError)
+
+
+def branch_index(fn: str, arg: str, index, num_branches: int) -> int:
+    if isinstance(index, bool) or not isinstance(index, numbers.Integral):
+        fail(fn, arg, f"branch index must be an int, got {index!r}", TypeError)
+    if not 0 <= index < num_branches:
+        fail(fn, arg, f"branch index {index} out of range for {num_branches} branches")
+    return int(index)
+
+
+def finite_number(fn: str, arg: str, value, *, minimum: float | None = None,
+                  minimum_inclusive: bool = True) -> float:
+    if is_compiling() and not isinstance(value, bool) and isinstance(value, (float, int, torch.SymFloat,
+                                                                              torch.SymInt)):
+        # torch.compile makes a changing Python float symbolic: testing its value would specialise
+        # the graph on it (a recompile every step), so traced calls skip the finiteness check.
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        fail(fn, arg, f"expected a real number, got {type(value).__name__}", TypeError)
+    value = float(value)
+    if not math.isfinite(value):
+        fail(fn, arg, f"must be finite, got {value}")
+    if minimum is not None and (value < minimum or (not minimum_inclusive and value == minimum)):
+        fail(fn, arg, f"must be {'>=' if minimum_inclusive else '>'} {minimum}, got {value}")
+    return value
+
+
+def scale(fn: str, arg: str, value, batch: int, device: torch.device) -> tuple[float, torch.Tensor | None]:
+    """A guidance scale: a finite Python number, or a float tensor of shape (), (1,) or (batch,)
+    on ``device``. Returns ``(number, None)`` or ``(0.0, fp32 tensor of shape (1,) or (batch,))``
+    (always the tensor form while torch.compile traces)."""
+    if not isinstance(value, torch.Tensor):
+        number = finite_number(fn, arg, value)
+        if is_compiling():
+            # Custom ops specialise their float arguments (a recompile per value); a tensor built
+            # from the traced number is a graph input instead, so a per-step scale compiles once.
+            return 0.0, torch.ones((1,), dtype=torch.float32, device=device) * number
+        return number, None
+    if not value.is_floating_point():
+        fail(fn, arg, f"scale tensor must be floating point, got {value.dtype}", TypeError)
+    if value.device != device:
+        fail(fn, arg, f"scale tensor is on {value.device} but the predictions are on {device}")
+    if value.numel() not in (1, batch) or value.dim() > 1:
+        fail(fn, arg, f"scale tensor must have shape (), (1,) or ({batch},) (one per sample), "
+                      f"got {tuple(value.shape)}")
+    if value.device.type == "cpu" and not is_compiling() and not bool(torch.isfinite(value).all()):
+        fail(fn, arg, "scale tensor contains NaN or inf")
+    return 0.0, value.reshape(-1).to(torch.float32)
+
+
+def branches(fn: str, arg: str, pred, num_branches: int | None, needed: int,
+             max_branches: int) -> tuple[list[torch.Tensor], int]:
+    """Normalise ``pred`` (one stacked (K·B, …) tensor or K tensors (B, …)) to the op's input list.
+
+    Returns ``(preds, K)`` where ``preds`` is ``[pred]`` for the stacked layout (no copies) or the
+    K tensors; ``needed`` is the number of branches the guidance refers to."""
+    if isinstance(pred, torch.Tensor):
+        float_tensor(fn, arg, pred)
+        k = needed if num_branches is None else num_branches
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            fail(fn, "num_branches", f"must be a positive int, got {k!r}")
+        if pred.dim() < 1:
+            fail(fn, arg, "stacked predictions need a leading batch dimension")
+        if pred.shape[0] % k != 0:
+            fail(fn, arg, f"leading dimension {pred.shape[0]} is not divisible by num_branches={k} "
+                          "(expected the branch-major layout (num_branches*B, ...))")
+        preds = [pred]
+    elif isinstance(pred, Sequence) and not isinstance(pred, (str, bytes)):
+        preds = list(pred)
+        k = len(preds)
+        if k == 0:
+            fail(fn, arg, "got an empty sequence of predictions")
+        if num_branches is not None and num_branches != k:
+            fail(fn, "num_branches", f"is {num_branches} but {k} tensors were given")
+        for i, t in enumerate(preds):
+            float_tensor(fn, f"{arg}[{i}]", t)
+            if i:
+                same_device_dtype(fn, f"{arg}[{i}]", t, preds[0], f"{arg}[0]")
+                if t.shape != preds[0].shape:
+                    fail(fn, f"{arg}[{i}]", f"shape {tuple(t.shape)} differs from {arg}[0] "
+                                            f"{tuple(preds[0].shape)}")
+        if preds[0].dim() < 1:
+            fail(fn, arg, "each prediction needs a leading batch dimension")
+    else:
+        fail(fn, arg, f"expected a tensor or a sequence of tensors, got {type(pred).__name__}", TypeError)
+    if k > max_branches:
+        fail(fn, "num_branches", f"at most {max_branches} branches are supported, got {k}")
+    if needed > k:
+        fail(fn, "guidance", f"refers to branch {needed - 1} but only {k} branches were given")
+    return preds, k
+
+
+def split_branches(preds: list[torch.Tensor], num_branches: int) -> list[torch.Tensor]:
+    """Views of the K branches, each (B, …), without copying."""
+    if len(preds) == num_branches:
+        return list(preds)
+    (stacked,) = preds
+    return list(stacked.unflatten(0, (num_branches, -1)).unbind(0))

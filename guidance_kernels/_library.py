@@ -1,0 +1,112 @@
+"""Every op of the ``guidance_kernels`` torch.library namespace: schema, fake, implementation.
+
+Each op is defined once, here, with :func:`torch.library.custom_op`; its schema comes from the
+type annotations. The public functions validate arguments, choose a backend (a constant under
+``torch.compile``) and call exactly one op; the op's body hands the call to that backend's
+implementation module, imported lazily so that importing the package never imports triton or
+the CUDA extension (and never initialises CUDA):
+
+    torch  -> guidance_kernels.torch_ops.<op>
+    triton -> guidance_kernels.triton.<op>
+    cuda   -> guidance_kernels.cuda.<op>
+
+Fakes allocate outputs with explicit shapes (``new_empty``), never ``empty_like`` of a possibly
+permuted input, so fake and real strides agree.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+NAMESPACE = "guidance_kernels"
+_PACKAGES = {"torch": "torch_ops", "triton": "triton", "cuda": "cuda"}
+
+
+def implementation(family: str, backend: str, name: str):
+    """The function ``name`` of ``guidance_kernels.<backend package>.<family>``."""
+    module = importlib.import_module(f"guidance_kernels.{_PACKAGES[backend]}.{family}")
+    return getattr(module, name)
+
+
+def _combine_out(preds: list[Tensor], num_branches: int) -> Tensor:
+    first = preds[0]
+    batch = first.shape[0] // num_branches if len(preds) == 1 else first.shape[0]
+    return first.new_empty((batch, *first.shape[1:]))
+
+
+# --------------------------------------------------------------------------- guidance_combine
+
+
+@torch.library.custom_op(f"{NAMESPACE}::guidance_combine", mutates_args=())
+def guidance_combine(preds: list[Tensor], num_branches: int, base: int, pos: list[int], neg: list[int],
+                     scales: list[float], scale_tensors: list[Optional[Tensor]], rescale: float,
+                     rescale_tensor: Optional[Tensor], rescale_ref: int, backend: str) -> Tensor:
+    """out = D[base] + Σ_t g_t (D[pos_t] − D[neg_t]) (+ rescale). See guidance_kernels.guidance_combine."""
+    fn = implementation("guidance_combine", backend, "guidance_combine")
+    return fn(preds, num_branches, base, pos, neg, scales, scale_tensors, rescale, rescale_tensor, rescale_ref)
+
+
+@guidance_combine.register_fake
+def _(preds, num_branches, base, pos, neg, scales, scale_tensors, rescale, rescale_tensor, rescale_ref, backend):
+    return _combine_out(preds, num_branches)
+
+
+# --------------------------------------------------------------------------- apg_combine
+# Two ops: inductor mishandles an Optional mutated tensor, so the momentum variant (which updates
+# its buffer in place) is its own op with a required buffer.
+
+
+@torch.library.custom_op(f"{NAMESPACE}::apg_combine", mutates_args=())
+def apg_combine(preds: list[Tensor], num_branches: int, cond: int, uncond: int, scale: float,
+                scale_tensor: Optional[Tensor], eta: float, norm_threshold: float, formulation: str, rescale: float,
+                rescale_tensor: Optional[Tensor], backend: str) -> Tensor:
+    """Adaptive projected guidance without momentum. See guidance_kernels.apg_combine."""
+    fn = implementation("guidance_combine", backend, "apg_combine")
+    return fn(preds, num_branches, cond, uncond, scale, scale_tensor, eta, norm_threshold, 0.0, None,
+              formulation, rescale, rescale_tensor)
+
+
+@apg_combine.register_fake
+def _(preds, num_branches, cond, uncond, scale, scale_tensor, eta, norm_threshold, formulation, rescale,
+      rescale_tensor, backend):
+    return _combine_out(preds, num_branches)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::apg_combine_momentum", mutates_args=("momentum_buffer",))
+def apg_combine_momentum(preds: list[Tensor], num_branches: int, cond: int, uncond: int, scale: float,
+                         scale_tensor: Optional[Tensor], eta: float, norm_threshold: float, momentum: float,
+                         momentum_buffer: Tensor, formulation: str, rescale: float,
+                         rescale_tensor: Optional[Tensor], backend: str) -> Tensor:
+    """Adaptive projected guidance with a momentum buffer updated in place."""
+    fn = implementation("guidance_combine", backend, "apg_combine")
+    return fn(preds, num_branches, cond, uncond, scale, scale_tensor, eta, norm_threshold, momentum,
+              momentum_buffer, formulation, rescale, rescale_tensor)
+
+
+@apg_combine_momentum.register_fake
+def _(preds, num_branches, cond, uncond, scale, scale_tensor, eta, norm_threshold, momentum, momentum_buffer,
+      formulation, rescale, rescale_tensor, backend):
+    return _combine_out(preds, num_branches)
+
+
+# --------------------------------------------------------------------------- cfg_zero_star_combine
+
+
+@torch.library.custom_op(f"{NAMESPACE}::cfg_zero_star_combine", mutates_args=())
+def cfg_zero_star_combine(preds: list[Tensor], num_branches: int, cond: int, uncond: int, scale: float,
+                          scale_tensor: Optional[Tensor], original_formulation: bool, rescale: float,
+                          rescale_tensor: Optional[Tensor], backend: str) -> Tensor:
+    """CFG-Zero* (optimised scale). See guidance_kernels.cfg_zero_star_combine."""
+    fn = implementation("guidance_combine", backend, "cfg_zero_star_combine")
+    return fn(preds, num_branches, cond, uncond, scale, scale_tensor, original_formulation, rescale,
+              rescale_tensor)
+
+
+@cfg_zero_star_combine.register_fake
+def _(preds, num_branches, cond, uncond, scale, scale_tensor, original_formulation, rescale, rescale_tensor,
+      backend):
+    return _combine_out(preds, num_branches)

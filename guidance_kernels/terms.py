@@ -1,0 +1,155 @@
+"""Guidance specifications: which branch is the base and which differences are added.
+
+Every linear guidance method is ``out = D[base] + Σ_t g_t · (D[pos_t] − D[neg_t])`` over the
+branches of one denoiser call (branch-major, as diffusers' ``pred.chunk(K)``). The helpers
+below turn each method's own knob into that form, choosing the base so that the operation
+order matches the anchor implementation (which keeps fp32 results identical to it):
+
+=====================================  ==========================  =======================
+helper (anchor)                        anchor formula              ``Guidance``
+=====================================  ==========================  =======================
+``cfg(s)`` (diffusers, ComfyUI)        u + s(c − u)                base u, (c, u, s)
+``cfg(s, original_formulation=True)``  c + s(c − u)                base c, (c, u, s)
+``pag(s)`` / ``seg(s)``                … + s(c − p)                base c, (c, p, s)
+``autoguidance(w)`` (EDM2)             ref + w(D − ref)            base ref, (D, ref, w)
+``icg(s)``                             u_rand + s(c − u_rand)      base u_rand, (c, u_rand, s)
+``sims(ω)``                            (1+ω)D_real − ω D_synth     base real, (real, synth, ω)
+``sag(s)`` (diffusers SAG)             … + s(u − u_degraded)       base u, (u, deg, s)
+=====================================  ==========================  =======================
+
+``a + b`` appends ``b``'s terms to ``a`` (``a``'s base is kept): ``cfg(7.5) + pag(3.0)`` is
+diffusers' CFG+PAG ``u + 7.5(c − u) + 3(c − p)`` on the batch ``[u, c, p]``.
+
+Scales are Python numbers or tensors (0-d, (1,) or per-sample (B,)); pass tensors when a scale
+changes every step under ``torch.compile`` (a changing Python float recompiles once).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+Scale = Union[float, torch.Tensor]
+
+# Branch order of diffusers' pipelines: CFG+PAG = [uncond, cond, perturbed].
+UNCOND, COND, PERTURBED = 0, 1, 2
+
+
+@dataclass(frozen=True, eq=False)
+class Term:
+    """One guidance term ``scale · (D[pos] − D[neg])``."""
+
+    pos: int
+    neg: int
+    scale: Scale
+
+
+@dataclass(frozen=True, eq=False)
+class Guidance:
+    """``out = D[base] + Σ term.scale · (D[term.pos] − D[term.neg])``."""
+
+    base: int
+    terms: tuple[Term, ...] = ()
+
+    def __add__(self, other: "Guidance") -> "Guidance":
+        if not isinstance(other, Guidance):
+            return NotImplemented
+        return Guidance(self.base, self.terms + other.terms)
+
+    @property
+    def num_branches(self) -> int:
+        """Number of branches referenced (highest index + 1)."""
+        indices = [self.base] + [i for t in self.terms for i in (t.pos, t.neg)]
+        return max(indices) + 1
+
+    def __repr__(self) -> str:
+        terms = " ".join(f"+ {_fmt(t.scale)}·(D{t.pos} − D{t.neg})" for t in self.terms)
+        return f"Guidance(D{self.base} {terms})".replace("  ", " ").replace(" )", ")")
+
+
+def _fmt(scale: Scale) -> str:
+    return "tensor" if isinstance(scale, torch.Tensor) else f"{scale:g}"
+
+
+def cfg(scale: Scale, *, uncond: int = UNCOND, cond: int = COND,
+        original_formulation: bool = False) -> Guidance:
+    """Classifier-free guidance with diffusers' ``guidance_scale`` ``s``: ``u + s(c − u)``.
+    ``original_formulation=True``: ``c + s(c − u)`` (diffusers' flag of that name)."""
+    return Guidance(cond if original_formulation else uncond, (Term(cond, uncond, scale),))
+
+
+def pag(scale: Scale, *, cond: int = COND, perturbed: int = PERTURBED) -> Guidance:
+    """Perturbed-attention guidance term ``s(c − p)`` (diffusers / ComfyUI ``pag_scale``).
+    Alone (batch ``[c, p]``: ``pag(s, cond=0, perturbed=1)``) it is ``c + s(c − p)``."""
+    return Guidance(cond, (Term(cond, perturbed, scale),))
+
+
+def seg(scale: Scale, *, cond: int = COND, perturbed: int = PERTURBED) -> Guidance:
+    """Smoothed-energy guidance term ``s(c − p)`` (SEG-SDXL ``seg_scale``); same form as PAG."""
+    return pag(scale, cond=cond, perturbed=perturbed)
+
+
+def sag(scale: Scale, *, uncond: int = UNCOND, degraded: int = 2) -> Guidance:
+    """Self-attention guidance term ``s(u − u_degraded)`` (diffusers ``sag_scale``): note that the
+    positive side is the UNCOND prediction and the negative one its blurred re-noised re-run."""
+    return Guidance(uncond, (Term(uncond, degraded, scale),))
+
+
+def autoguidance(w: Scale, *, guiding: int = 0, main: int = 1) -> Guidance:
+    """EDM2 autoguidance ``ref.lerp(D, w) = ref + w(D − ref)``; ``guiding`` is the weaker model."""
+    return Guidance(guiding, (Term(main, guiding, w),))
+
+
+def icg(scale: Scale, *, random_cond: int = UNCOND, cond: int = COND) -> Guidance:
+    """Independent-condition guidance: CFG where the negative branch got an independent random
+    condition (see :func:`icg_random_labels`, :func:`icg_noise_condition`)."""
+    return Guidance(random_cond, (Term(cond, random_cond, scale),))
+
+
+def sims(omega: Scale, *, synthetic: int = 0, real: int = 1) -> Guidance:
+    """SIMS ``(1+ω)·D_real − ω·D_synth = D_real + ω(D_real − D_synth)``."""
+    return Guidance(real, (Term(real, synthetic, omega),))
+
+
+def kucvlab_pag(guide_scale: Scale, *, cond: int = 0, perturbed: int = 1) -> Guidance:
+    """KU-CVLAB's ADM PAG/SAG code: ``ptb + s(cond − ptb)``, i.e. g = s − 1 on base cond."""
+    return Guidance(perturbed, (Term(cond, perturbed, guide_scale),))
+
+
+def adaptive_pag_scale(scale: Scale, adaptive_scale: Scale, timestep: Scale) -> Scale:
+    """diffusers' adaptive PAG: ``max(scale − adaptive_scale · (1000 − t), 0)``. Tensors in,
+    tensor out (no host sync, so it changes per step without recompiling)."""
+    if isinstance(scale, torch.Tensor) or isinstance(adaptive_scale, torch.Tensor) or \
+            isinstance(timestep, torch.Tensor):
+        value = scale - adaptive_scale * (1000 - timestep)
+        return value.clamp_min(0) if isinstance(value, torch.Tensor) else max(value, 0.0)
+    return max(float(scale) - float(adaptive_scale) * (1000 - float(timestep)), 0.0)
+
+
+def icg_random_labels(batch: int, num_classes: int, *, device=None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Independent condition for class-conditional models: uniform random labels (int64, (batch,))."""
+    if batch < 1 or num_classes < 1:
+        raise ValueError(f"icg_random_labels: batch and num_classes must be >= 1, got {batch}, {num_classes}")
+    return torch.randint(0, num_classes, (batch,), device=device, generator=generator)
+
+
+def icg_noise_condition(embedding: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Independent condition for text models: Gaussian noise of the embedding's shape, scaled to
+    the embedding's standard deviation (per sample, over all non-batch dims), same dtype/device."""
+    if not isinstance(embedding, torch.Tensor) or not embedding.is_floating_point():
+        raise TypeError("icg_noise_condition: embedding: expected a floating-point tensor")
+    dims = tuple(range(1, embedding.dim())) or None
+    std = embedding.float().std(dim=dims, keepdim=dims is not None)
+    noise = torch.randn(embedding.shape, device=embedding.device, generator=generator)
+    return (noise * std).to(embedding.dtype)
+
+
+def guidance_scale_to_gamma(scale: float) -> float:
+    """diffusers' CFG ``s`` to the paper's γ in ``D_neg + (1+γ)(D_pos − D_neg)``: γ = s − 1."""
+    if not math.isfinite(scale):
+        raise ValueError(f"guidance_scale_to_gamma: scale must be finite, got {scale}")
+    return scale - 1.0

@@ -1,0 +1,102 @@
+"""PyTorch backend of the combine family: guidance_combine, apg_combine, cfg_zero_star_combine.
+
+Inputs are the op arguments (see ``guidance_kernels._library``). Arithmetic is fp32 (fp64 for
+fp64 inputs) whatever the input dtype; the output is a new contiguous (B, …) tensor in the input
+dtype. The formulas are those of :mod:`guidance_kernels.reference`, with the same operation order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import split_branches
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _scale(number: float, tensor: torch.Tensor | None, ndim: int, dtype: torch.dtype):
+    if tensor is None:
+        return number
+    return tensor.to(dtype).reshape(-1, *([1] * (ndim - 1)))
+
+
+def _finish(result: torch.Tensor, like: torch.Tensor, inputs) -> torch.Tensor:
+    """A contiguous result in the input dtype that never aliases an input (custom ops must not)."""
+    out = result.to(like.dtype).contiguous()
+    storage = out.untyped_storage().data_ptr()
+    if any(storage == t.untyped_storage().data_ptr() for t in inputs):
+        out = out.clone()
+    return out
+
+
+def _rescale(out: torch.Tensor, ref: torch.Tensor, phi) -> torch.Tensor:
+    dims = list(range(1, out.dim()))
+    ratio = ref.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True)
+    return phi * (out * ratio) + (1 - phi) * out
+
+
+def _wants_rescale(rescale: float, rescale_tensor) -> bool:
+    return rescale_tensor is not None or rescale > 0
+
+
+def guidance_combine(preds, num_branches, base, pos, neg, scales, scale_tensors, rescale, rescale_tensor,
+                     rescale_ref):
+    branches = split_branches(preds, num_branches)
+    like = branches[0]
+    dtype = _compute_dtype(like)
+    acc = branches[base].to(dtype)
+    for p, n, g, g_tensor in zip(pos, neg, scales, scale_tensors):
+        acc = acc + _scale(g, g_tensor, acc.dim(), dtype) * (branches[p].to(dtype) - branches[n].to(dtype))
+    if _wants_rescale(rescale, rescale_tensor):
+        phi = _scale(rescale, rescale_tensor, acc.dim(), dtype)
+        acc = _rescale(acc, branches[rescale_ref].to(dtype), phi)
+    return _finish(acc, like, preds)
+
+
+def apg_combine(preds, num_branches, cond, uncond, scale, scale_tensor, eta, norm_threshold, momentum,
+                momentum_buffer, formulation, rescale, rescale_tensor):
+    branches = split_branches(preds, num_branches)
+    like = branches[0]
+    dtype = _compute_dtype(like)
+    c = branches[cond].to(dtype)
+    u = branches[uncond].to(dtype)
+    dims = list(range(1, c.dim()))
+    diff = c - u
+    if momentum_buffer is not None:
+        diff = diff + momentum * momentum_buffer.to(dtype)
+        momentum_buffer.copy_(diff)
+    if norm_threshold > 0:
+        diff = diff * torch.minimum(torch.ones((), dtype=dtype, device=diff.device),
+                                    norm_threshold / diff.norm(p=2, dim=dims, keepdim=True))
+    v1 = torch.nn.functional.normalize(c, dim=dims)
+    parallel = (diff * v1).sum(dim=dims, keepdim=True) * v1
+    update = (diff - parallel) + eta * parallel
+    w = _scale(scale, scale_tensor, c.dim(), dtype)
+    if formulation == "paper":
+        out = c + (w - 1) * update
+    elif formulation == "diffusers":
+        out = u + w * update
+    else:  # "diffusers_original"
+        out = c + w * update
+    if _wants_rescale(rescale, rescale_tensor):
+        out = _rescale(out, c, _scale(rescale, rescale_tensor, c.dim(), dtype))
+    return _finish(out, like, preds)
+
+
+def cfg_zero_star_combine(preds, num_branches, cond, uncond, scale, scale_tensor, original_formulation, rescale,
+                          rescale_tensor):
+    branches = split_branches(preds, num_branches)
+    like = branches[0]
+    dtype = _compute_dtype(like)
+    c = branches[cond].to(dtype)
+    u = branches[uncond].to(dtype)
+    dims = list(range(1, c.dim()))
+    alpha = (c * u).sum(dim=dims, keepdim=True) / ((u * u).sum(dim=dims, keepdim=True) + 1e-8)
+    u_alpha = u * alpha
+    s = _scale(scale, scale_tensor, c.dim(), dtype)
+    out = (c if original_formulation else u_alpha) + s * (c - u_alpha)
+    if _wants_rescale(rescale, rescale_tensor):
+        out = _rescale(out, c, _scale(rescale, rescale_tensor, c.dim(), dtype))
+    return _finish(out, like, preds)

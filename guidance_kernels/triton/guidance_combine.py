@@ -1,0 +1,409 @@
+"""Triton kernels of the combine family: guidance_combine, apg_combine, cfg_zero_star_combine.
+
+Launch structure (B samples of ``inner`` elements, see :mod:`guidance_kernels._layout`):
+
+* plain combine — ONE launch of ``_combine_kernel``: every program computes
+  ``acc = D[base] + Σ g_t (D[pos_t] − D[neg_t])`` for BLOCK elements of one sample, in fp32, in
+  the reference's operation order, and stores it in the output dtype.
+* with a per-sample reduction (rescale, APG, CFG-Zero*) — TWO launches, no host sync:
+  1. ``_moments_kernel``: each program takes one chunk of one sample and computes, for up to
+     three fp32 "fields" of the data, the count, means and centred co-moments
+     ``M_ij = Σ (f_i − mean_i)(f_j − mean_j)``, merging BLOCK-sized tiles with Chan's formula.
+     It writes one row of ``NSTAT`` floats per (sample, chunk): no atomics, deterministic, and
+     accurate (no ``E[x²] − E[x]²`` cancellation).
+  2. ``_combine_kernel`` / ``_projected_kernel``: every program first merges its sample's
+     chunk rows (a few hundred floats, L2-resident) into exact per-sample moments, derives the
+     per-sample coefficients (rescale ratio, APG projection, CFG-Zero* alpha), then recomputes
+     its elements from the inputs and writes the output. Recomputing instead of storing an
+     intermediate keeps fp32 precision and moves no more bytes for two or three branches.
+
+Fields per kind: KIND_COMBINE (ref, acc, 0); KIND_APG (cond, cond − uncond, running diff when a
+momentum buffer is used); KIND_CFG0 (cond, cond − uncond, uncond). Every output that needs a
+std is linear in the fields with per-sample coefficients, so its variance is a quadratic form
+of the co-moments; the (cond, cond − uncond) basis avoids cancellation when cond ≈ uncond.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _layout
+from .._checks import split_branches
+
+BLOCK = 1024
+NUM_WARPS = 4
+NSTAT: tl.constexpr = tl.constexpr(10)  # n, mean0..2, M00, M11, M22, M01, M02, M12
+KIND_COMBINE: tl.constexpr = tl.constexpr(0)
+KIND_APG: tl.constexpr = tl.constexpr(1)
+KIND_CFG0: tl.constexpr = tl.constexpr(2)
+FORMULATIONS = {"paper": 0, "diffusers": 1, "diffusers_original": 2}
+
+
+# --------------------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _inner_offset(idx, n1, n2, s0, s1, s2, RANK: tl.constexpr):
+    """Element offset of inner linear index ``idx`` (int64) for the (≤3-d) strided layout."""
+    if RANK == 1:
+        off = idx * s2
+    elif RANK == 2:
+        off = (idx // n2) * s1 + (idx % n2) * s2
+    else:
+        i2 = idx % n2
+        rest = idx // n2
+        off = (rest // n1) * s0 + (rest % n1) * s1 + i2 * s2
+    return off
+
+
+@triton.jit
+def _load(ptr, mask):
+    return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _scale_at(value, ptr, stride, b, IS_TENSOR: tl.constexpr):
+    """A guidance scale: the Python number ``value`` or ``ptr[b * stride]`` (stride 0: one scalar)."""
+    if IS_TENSOR:
+        value = tl.load(ptr + b * stride).to(tl.float32)
+    return value
+
+
+@triton.jit
+def _linear(xs, off, mask, b, gs, gps, gss, BASE: tl.constexpr, TERMS: tl.constexpr, NT: tl.constexpr):
+    """D[BASE] + Σ_t g_t (D[pos_t] − D[neg_t]) in fp32; TERMS[t] = (pos slot, neg slot, scale is tensor)."""
+    acc = _load(xs[BASE] + off, mask)
+    for t in tl.static_range(NT):
+        g = _scale_at(gs[t], gps[t], gss[t], b, TERMS[t][2])
+        acc = acc + g * (_load(xs[TERMS[t][0]] + off, mask) - _load(xs[TERMS[t][1]] + off, mask))
+    return acc
+
+
+@triton.jit
+def _sample_moments(row_ptr, num_parts, BLOCK_P: tl.constexpr):
+    """Merge one sample's per-chunk rows into (n, means, centred co-moments)."""
+    p = tl.arange(0, BLOCK_P)
+    valid = p < num_parts
+    rows = row_ptr + p * NSTAT
+    n_p = tl.load(rows, mask=valid, other=0.0)
+    n = tl.sum(n_p, axis=0)
+    a_p = tl.load(rows + 1, mask=valid, other=0.0)
+    b_p = tl.load(rows + 2, mask=valid, other=0.0)
+    c_p = tl.load(rows + 3, mask=valid, other=0.0)
+    mean0 = tl.sum(n_p * a_p, axis=0) / n
+    mean1 = tl.sum(n_p * b_p, axis=0) / n
+    mean2 = tl.sum(n_p * c_p, axis=0) / n
+    d0 = tl.where(valid, a_p - mean0, 0.0)
+    d1 = tl.where(valid, b_p - mean1, 0.0)
+    d2 = tl.where(valid, c_p - mean2, 0.0)
+    m00 = tl.sum(tl.load(rows + 4, mask=valid, other=0.0) + n_p * d0 * d0, axis=0)
+    m11 = tl.sum(tl.load(rows + 5, mask=valid, other=0.0) + n_p * d1 * d1, axis=0)
+    m22 = tl.sum(tl.load(rows + 6, mask=valid, other=0.0) + n_p * d2 * d2, axis=0)
+    m01 = tl.sum(tl.load(rows + 7, mask=valid, other=0.0) + n_p * d0 * d1, axis=0)
+    m02 = tl.sum(tl.load(rows + 8, mask=valid, other=0.0) + n_p * d0 * d2, axis=0)
+    m12 = tl.sum(tl.load(rows + 9, mask=valid, other=0.0) + n_p * d1 * d2, axis=0)
+    return n, mean0, mean1, mean2, m00, m11, m22, m01, m02, m12
+
+
+@triton.jit
+def _quadratic(a0, a1, a2, m00, m11, m22, m01, m02, m12):
+    """aᵀ M a for the symmetric co-moment matrix M, clamped at 0 (rounding can go below)."""
+    q = a0 * a0 * m00 + a1 * a1 * m11 + a2 * a2 * m22 + 2.0 * (a0 * a1 * m01 + a0 * a2 * m02 + a1 * a2 * m12)
+    return tl.maximum(q, 0.0)
+
+
+@triton.jit
+def _rescaled(out, m_ref, m_out, phi):
+    """diffusers' rescale_noise_cfg with centred sums of squares (the n − 1 of the unbiased std
+    is kept so that a one-element sample gives NaN exactly as torch.std does)."""
+    return phi * (out * (tl.sqrt(m_ref) / tl.sqrt(m_out))) + (1.0 - phi) * out
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _combine_kernel(out_ptr, xs, gs, gps, gss, stats_ptr, phi, phi_ptr, phi_stride,
+                    inner, tiles, num_parts, n1, n2, s0, s1, s2, bs,
+                    BASE: tl.constexpr, TERMS: tl.constexpr, NT: tl.constexpr, RESCALE: tl.constexpr,
+                    PHI_TENSOR: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // tiles).to(tl.int64)
+    idx = (pid % tiles).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < inner
+    off = b * bs + _inner_offset(idx, n1, n2, s0, s1, s2, RANK)
+    acc = _linear(xs, off, mask, b, gs, gps, gss, BASE, TERMS, NT)
+    if RESCALE:
+        n, _m0, _m1, _m2, m00, m11, _m22, _m01, _m02, _m12 = _sample_moments(
+            stats_ptr + b * num_parts * NSTAT, num_parts, BLOCK_P)
+        phi = _scale_at(phi, phi_ptr, phi_stride, b, PHI_TENSOR)
+        acc = _rescaled(acc, m00 / (n - 1.0), m11 / (n - 1.0), phi)
+    tl.store(out_ptr + b * inner + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _moments_kernel(stats_ptr, xs, gs, gps, gss, buf_ptr, momentum,
+                    inner, chunk, num_parts, n1, n2, s0, s1, s2, bs,
+                    KIND: tl.constexpr, BASE: tl.constexpr, TERMS: tl.constexpr, NT: tl.constexpr,
+                    REF: tl.constexpr, COND: tl.constexpr, UNCOND: tl.constexpr, HAS_BUF: tl.constexpr,
+                    RANK: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // num_parts).to(tl.int64)
+    part = pid % num_parts
+    lo = part.to(tl.int64) * chunk
+    hi = tl.minimum(lo + chunk, inner)
+    count = 0.0
+    mean0 = 0.0
+    mean1 = 0.0
+    mean2 = 0.0
+    m00 = 0.0
+    m11 = 0.0
+    m22 = 0.0
+    m01 = 0.0
+    m02 = 0.0
+    m12 = 0.0
+    for start in range(lo, hi, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        mask = idx < hi
+        off = b * bs + _inner_offset(idx, n1, n2, s0, s1, s2, RANK)
+        if KIND == KIND_COMBINE:
+            f0 = _load(xs[REF] + off, mask)
+            f1 = _linear(xs, off, mask, b, gs, gps, gss, BASE, TERMS, NT)
+            f2 = tl.zeros_like(f0)
+        else:
+            f0 = _load(xs[COND] + off, mask)
+            u = _load(xs[UNCOND] + off, mask)
+            f1 = f0 - u
+            if KIND == KIND_APG:
+                if HAS_BUF:
+                    f2 = f1 + momentum * _load(buf_ptr + b * inner + idx, mask)
+                    tl.store(buf_ptr + b * inner + idx, f2.to(buf_ptr.dtype.element_ty), mask=mask)
+                else:
+                    f2 = tl.zeros_like(f0)
+            else:
+                f2 = u
+        f0 = tl.where(mask, f0, 0.0)
+        f1 = tl.where(mask, f1, 0.0)
+        f2 = tl.where(mask, f2, 0.0)
+        n_t = tl.sum(mask.to(tl.float32), axis=0)
+        t0 = tl.sum(f0, axis=0) / n_t
+        t1 = tl.sum(f1, axis=0) / n_t
+        t2 = tl.sum(f2, axis=0) / n_t
+        e0 = tl.where(mask, f0 - t0, 0.0)
+        e1 = tl.where(mask, f1 - t1, 0.0)
+        e2 = tl.where(mask, f2 - t2, 0.0)
+        # Chan et al.: merge the tile's (n_t, t, e·e) into the running (count, mean, m).
+        total = count + n_t
+        weight = n_t / total
+        cross = count * weight
+        d0 = t0 - mean0
+        d1 = t1 - mean1
+        d2 = t2 - mean2
+        m00 += tl.sum(e0 * e0, axis=0) + d0 * d0 * cross
+        m11 += tl.sum(e1 * e1, axis=0) + d1 * d1 * cross
+        m22 += tl.sum(e2 * e2, axis=0) + d2 * d2 * cross
+        m01 += tl.sum(e0 * e1, axis=0) + d0 * d1 * cross
+        m02 += tl.sum(e0 * e2, axis=0) + d0 * d2 * cross
+        m12 += tl.sum(e1 * e2, axis=0) + d1 * d2 * cross
+        mean0 += d0 * weight
+        mean1 += d1 * weight
+        mean2 += d2 * weight
+        count = total
+    row = stats_ptr + (b * num_parts + part) * NSTAT
+    tl.store(row + 0, count)
+    tl.store(row + 1, mean0)
+    tl.store(row + 2, mean1)
+    tl.store(row + 3, mean2)
+    tl.store(row + 4, m00)
+    tl.store(row + 5, m11)
+    tl.store(row + 6, m22)
+    tl.store(row + 7, m01)
+    tl.store(row + 8, m02)
+    tl.store(row + 9, m12)
+
+
+@triton.jit
+def _projected_kernel(out_ptr, xs, stats_ptr, buf_ptr, w, w_ptr, w_stride, eta, threshold, phi, phi_ptr,
+                      phi_stride, inner, tiles, num_parts, n1, n2, s0, s1, s2, bs,
+                      KIND: tl.constexpr, COND: tl.constexpr, UNCOND: tl.constexpr, HAS_BUF: tl.constexpr,
+                      FORMULATION: tl.constexpr, W_TENSOR: tl.constexpr, RESCALE: tl.constexpr,
+                      PHI_TENSOR: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Second pass of APG (KIND_APG) and CFG-Zero* (KIND_CFG0)."""
+    pid = tl.program_id(0)
+    b = (pid // tiles).to(tl.int64)
+    idx = (pid % tiles).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < inner
+    off = b * bs + _inner_offset(idx, n1, n2, s0, s1, s2, RANK)
+    n, mean0, mean1, mean2, m00, m11, m22, m01, m02, m12 = _sample_moments(
+        stats_ptr + b * num_parts * NSTAT, num_parts, BLOCK_P)
+    w = _scale_at(w, w_ptr, w_stride, b, W_TENSOR)
+    c = _load(xs[COND] + off, mask)
+    u = _load(xs[UNCOND] + off, mask)
+    if KIND == KIND_APG:
+        # Raw dot products from the centred moments: Σ x y = M_xy + n · mean_x · mean_y.
+        r_cc = m00 + n * mean0 * mean0
+        if HAS_BUF:
+            d = _load(buf_ptr + b * inner + idx, mask)
+            r_dd = m22 + n * mean2 * mean2
+            r_dc = m02 + n * mean0 * mean2
+        else:
+            d = c - u
+            r_dd = m11 + n * mean1 * mean1
+            r_dc = m01 + n * mean0 * mean1
+        f = 1.0
+        if threshold > 0.0:
+            f = tl.minimum(1.0, threshold / tl.sqrt(r_dd))
+        c_norm = tl.maximum(tl.sqrt(r_cc), 1e-12)  # F.normalize's eps
+        par_coef = (f * r_dc / c_norm) / c_norm  # par = ⟨f·d, c/‖c‖⟩ · c/‖c‖
+        diff = f * d
+        par = par_coef * c
+        update = (diff - par) + eta * par
+        if FORMULATION == 0:
+            gain = w - 1.0
+            out = c + gain * update
+        elif FORMULATION == 1:
+            gain = w
+            out = u + gain * update
+        else:
+            gain = w
+            out = c + gain * update
+        if RESCALE:
+            # out = a_c·cond + a_r·(cond − uncond) + a_d·running (fields 0, 1, 2).
+            a_c = 1.0 + gain * (eta - 1.0) * par_coef
+            a_r = 0.0
+            if FORMULATION == 1:
+                a_r = -1.0
+            a_d = gain * f
+            if not HAS_BUF:
+                a_r = a_r + a_d
+                a_d = 0.0
+            m_out = _quadratic(a_c, a_r, a_d, m00, m11, m22, m01, m02, m12)
+    else:
+        r_cu = m02 + n * mean0 * mean2
+        r_uu = m22 + n * mean2 * mean2
+        alpha = r_cu / (r_uu + 1e-8)
+        u_alpha = u * alpha
+        if FORMULATION == 0:
+            out = u_alpha + w * (c - u_alpha)
+            a_cond = w
+            a_unc = alpha * (1.0 - w)
+        else:
+            out = c + w * (c - u_alpha)
+            a_cond = 1.0 + w
+            a_unc = -w * alpha
+        if RESCALE:
+            # In the (cond, cond − uncond) basis: out = (a_cond + a_unc)·cond − a_unc·(cond − uncond).
+            m_out = _quadratic(a_cond + a_unc, -a_unc, 0.0, m00, m11, m22, m01, m02, m12)
+    if RESCALE:
+        phi = _scale_at(phi, phi_ptr, phi_stride, b, PHI_TENSOR)
+        out = _rescaled(out, m00 / (n - 1.0), m_out / (n - 1.0), phi)
+    tl.store(out_ptr + b * inner + idx, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _geometry(plan: _layout.Plan) -> tuple[int, ...]:
+    n0, n1, n2 = plan.sizes
+    s0, s1, s2 = plan.strides
+    return n1, n2, s0, s1, s2, plan.batch_stride
+
+
+def _scale_args(numbers, tensors, dummy):
+    """Per-term (value, pointer, stride, is-tensor) tuples; never empty (Triton needs a type)."""
+    gs = tuple(float(x) for x in numbers) or (0.0,)
+    gps = tuple(t if t is not None else dummy for t in tensors) or (dummy,)
+    gss = tuple(0 if t is None or t.numel() == 1 else 1 for t in tensors) or (0,)
+    flags = tuple(t is not None for t in tensors)
+    return gs, gps, gss, flags
+
+
+def _moments(plan, out, xs, *, kind, base=0, terms=((0, 0, False),), nt=0, gs=(0.0,), gps=None, gss=(0,),
+             ref=0, cond=0, uncond=0, buf=None, momentum=0.0):
+    parts, chunk = _layout.partitions(plan.batch, plan.inner, BLOCK, _layout.target_programs(out.device))
+    stats = torch.empty((plan.batch, parts, 10), dtype=torch.float32, device=out.device)
+    _moments_kernel[(plan.batch * parts,)](
+        stats, xs, gs, gps if gps is not None else (out,), gss, buf if buf is not None else out, float(momentum),
+        plan.inner, chunk, parts, *_geometry(plan),
+        KIND=kind, BASE=base, TERMS=terms, NT=nt, REF=ref, COND=cond, UNCOND=uncond, HAS_BUF=buf is not None,
+        RANK=plan.rank, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return stats, parts
+
+
+def _phi_args(rescale, rescale_tensor, dummy):
+    if rescale_tensor is None:
+        return float(rescale), dummy, 0, False
+    return 0.0, rescale_tensor, 0 if rescale_tensor.numel() == 1 else 1, True
+
+
+def guidance_combine(preds, num_branches, base, pos, neg, scales, scale_tensors, rescale, rescale_tensor,
+                     rescale_ref):
+    branches = split_branches(preds, num_branches)
+    do_rescale = rescale_tensor is not None or rescale > 0
+    used = sorted({base, *pos, *neg, *([rescale_ref] if do_rescale else [])})
+    slot = {k: i for i, k in enumerate(used)}
+    plan = _layout.plan([branches[k] for k in used])
+    out = branches[0].new_empty(branches[0].shape)
+    if out.numel() == 0:
+        return out
+    xs = plan.tensors
+    gs, gps, gss, flags = _scale_args(scales, scale_tensors, out)
+    terms = tuple((slot[p], slot[n], f) for p, n, f in zip(pos, neg, flags)) or ((0, 0, False),)
+    tiles = triton.cdiv(plan.inner, BLOCK)
+    with _device_guard(out):
+        stats, parts = out, 1
+        if do_rescale:
+            stats, parts = _moments(plan, out, xs, kind=0, base=slot[base], terms=terms, nt=len(pos), gs=gs,
+                                    gps=gps, gss=gss, ref=slot[rescale_ref])
+        phi, phi_ptr, phi_stride, phi_tensor = _phi_args(rescale, rescale_tensor, out)
+        _combine_kernel[(plan.batch * tiles,)](
+            out, xs, gs, gps, gss, stats, phi, phi_ptr, phi_stride,
+            plan.inner, tiles, parts, *_geometry(plan),
+            BASE=slot[base], TERMS=terms, NT=len(pos), RESCALE=do_rescale, PHI_TENSOR=phi_tensor, RANK=plan.rank,
+            BLOCK=BLOCK, BLOCK_P=triton.next_power_of_2(parts), num_warps=NUM_WARPS)
+    return out
+
+
+def _projected(kind, preds, num_branches, cond, uncond, scale, scale_tensor, *, eta=1.0, threshold=0.0,
+               momentum=0.0, buf=None, formulation=0, rescale=0.0, rescale_tensor=None):
+    branches = split_branches(preds, num_branches)
+    plan = _layout.plan([branches[cond], branches[uncond]])
+    out = branches[0].new_empty(branches[0].shape)
+    if out.numel() == 0:
+        return out
+    xs = plan.tensors
+    do_rescale = rescale_tensor is not None or rescale > 0
+    tiles = triton.cdiv(plan.inner, BLOCK)
+    w_ptr = scale_tensor if scale_tensor is not None else out
+    w_stride = 0 if scale_tensor is None or scale_tensor.numel() == 1 else 1
+    phi, phi_ptr, phi_stride, phi_tensor = _phi_args(rescale, rescale_tensor, out)
+    with _device_guard(out):
+        stats, parts = _moments(plan, out, xs, kind=kind, cond=0, uncond=1, buf=buf, momentum=momentum)
+        _projected_kernel[(plan.batch * tiles,)](
+            out, xs, stats, buf if buf is not None else out, float(scale), w_ptr, w_stride, float(eta),
+            float(threshold), phi, phi_ptr, phi_stride, plan.inner, tiles, parts, *_geometry(plan),
+            KIND=kind, COND=0, UNCOND=1, HAS_BUF=buf is not None, FORMULATION=formulation,
+            W_TENSOR=scale_tensor is not None, RESCALE=do_rescale, PHI_TENSOR=phi_tensor, RANK=plan.rank,
+            BLOCK=BLOCK, BLOCK_P=triton.next_power_of_2(parts), num_warps=NUM_WARPS)
+    return out
+
+
+def apg_combine(preds, num_branches, cond, uncond, scale, scale_tensor, eta, norm_threshold, momentum,
+                momentum_buffer, formulation, rescale, rescale_tensor):
+    return _projected(1, preds, num_branches, cond, uncond, scale, scale_tensor, eta=eta, threshold=norm_threshold,
+                      momentum=momentum, buf=momentum_buffer, formulation=FORMULATIONS[formulation],
+                      rescale=rescale, rescale_tensor=rescale_tensor)
+
+
+def cfg_zero_star_combine(preds, num_branches, cond, uncond, scale, scale_tensor, original_formulation, rescale,
+                          rescale_tensor):
+    return _projected(2, preds, num_branches, cond, uncond, scale, scale_tensor,
+                      formulation=1 if original_formulation else 0, rescale=rescale, rescale_tensor=rescale_tensor)
