@@ -1,13 +1,17 @@
 """How elementwise kernels address their inputs: (batch, inner) with at most three inner dims.
 
-Kernels of the combine family see every input as ``B`` samples of ``inner`` elements. Each input
-is addressed as ``b * batch_stride + i0 * s0 + i1 * s1 + i2 * s2`` where ``(i0, i1, i2)`` is the
-row-major position of the inner linear index in ``sizes``; the output is contiguous. All inputs
-of one launch share the strides (the branches of a stacked tensor always do; separate tensors
-with different layouts are made contiguous first). Adjacent dims that are contiguous with each
-other are merged, so ordinary tensors — contiguous, chunked from a stacked batch, sliced along
-the batch — become rank 1 with stride 1, the fast path. Channels-last and permuted video
-latents stay rank 2 or 3 without a copy; anything needing more than three dims is copied.
+Kernels of the combine family see every input as ``B`` samples of ``inner`` elements. The output
+(:func:`output_like`) has the branches' own dense layout when they have one with the batch
+outermost (contiguous, channels-last, …) and is contiguous otherwise — the rule torch's
+elementwise ops follow — so a kernel walks each sample's output in memory order: ``idx`` in
+``[0, inner)`` is written at ``out + b * inner + idx``. Inputs are addressed as
+``b * batch_stride + i0 * s0 + i1 * s1 + i2 * s2`` where ``(i0, i1, i2)`` is the position of
+``idx`` in ``sizes`` (the inner dims in the output's memory order). All inputs of one launch
+share strides (the branches of a stacked tensor always do; separate tensors with different
+layouts are first copied into the output's layout). Dims that are contiguous with each other in
+every tensor are merged, so chunked, sliced-batch and channels-last inputs all become rank 1
+with stride 1: the vectorised fast path. Anything needing more than three dims is copied into
+the output's layout (rare: a view strided in four independent dims).
 
 Offsets are int64 in every kernel: video latents exceed 2**31 elements.
 """
@@ -22,51 +26,94 @@ import torch
 MAX_RANK = 3
 
 
+def output_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
+    """Strides of the (B, …) output for inputs of this shape and layout: the inputs' own strides
+    when they are dense (no gaps, no overlap; contiguous, channels-last, a batch slice of a dense
+    stack, …) with the batch outermost, otherwise contiguous. A pure function of the layout, used
+    by the fakes and every backend, so fake and real strides always agree."""
+    contiguous = []
+    running = 1
+    for n in reversed(shape):
+        contiguous.append(running)
+        running *= n
+    contiguous = tuple(reversed(contiguous))
+    dims = sorted(((s, n) for n, s in zip(shape, strides) if n != 1), reverse=True)
+    expected = 1
+    for s, n in reversed(dims):
+        if s != expected:
+            return contiguous
+        expected *= n
+    if len(shape) > 1 and shape[0] > 1 and strides[0] != prod(shape[1:]):
+        return contiguous  # batch not outermost: each sample must be one block
+    return tuple(s if n != 1 else c for n, s, c in zip(shape, strides, contiguous))
+
+
+def output_like(branch: torch.Tensor) -> torch.Tensor:
+    """An uninitialised output buffer for inputs shaped and laid out like ``branch``."""
+    return torch.empty_strided(branch.shape, output_strides(tuple(branch.shape), tuple(branch.stride())),
+                               dtype=branch.dtype, device=branch.device)
+
+
 @dataclass(frozen=True)
 class Plan:
     batch: int
     inner: int
-    sizes: tuple[int, int, int]  # inner dims, innermost last, padded with leading 1s
-    strides: tuple[int, int, int]  # matching element strides (shared by every input)
+    sizes: tuple[int, int, int]  # inner dims in the output's memory order, padded with leading 1s
+    strides: tuple[int, int, int]  # matching input element strides (shared by every input)
     batch_stride: int
     rank: int  # number of meaningful inner dims (1..3)
     tensors: tuple[torch.Tensor, ...]  # the inputs, some possibly made contiguous
 
 
-def _coalesce(shape: tuple[int, ...], strides: tuple[int, ...]) -> list[tuple[int, int]]:
-    dims = [(n, s) for n, s in zip(shape, strides) if n != 1]
-    merged: list[tuple[int, int]] = []
-    for n, s in dims:
-        if merged and merged[-1][1] == s * n:
-            merged[-1] = (merged[-1][0] * n, s)
-        else:
-            merged.append((n, s))
-    return merged or [(1, 1)]
+def layout_key(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
+    """Strides with those of size-1 dims (meaningless) zeroed, for comparing layouts."""
+    return tuple(s if n != 1 else 0 for n, s in zip(shape, strides))
 
 
 def _key(t: torch.Tensor) -> tuple[int, ...]:
-    # Strides of size-1 dims are meaningless; ignore them when comparing layouts.
-    return tuple(s if n != 1 else 0 for n, s in zip(t.shape, t.stride()))
+    return layout_key(tuple(t.shape), tuple(t.stride()))
 
 
-def plan(tensors: list[torch.Tensor]) -> Plan:
-    """Plan an elementwise launch over same-shaped ``(B, …)`` tensors."""
+def _coalesce(shape: list[int], input_strides: list[int], out_strides: list[int]) -> list[tuple[int, int]]:
+    """Merge adjacent (outer, inner) dims that are contiguous with each other in the input AND the
+    output; drop size-1 dims. Returns (size, input stride) pairs, outermost first."""
+    merged: list[list[int]] = []
+    for n, s, o in zip(shape, input_strides, out_strides):
+        if n == 1:
+            continue
+        if merged and merged[-1][1] == s * n and merged[-1][2] == o * n:
+            merged[-1] = [merged[-1][0] * n, s, o]
+        else:
+            merged.append([n, s, o])
+    return [(n, s) for n, s, _ in merged] or [(1, 1)]
+
+
+def _in_layout_of(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``t`` itself if it is laid out like ``out``, else a copy that is (then every dim merges)."""
+    if _key(t)[1:] == _key(out)[1:] and (t.shape[0] <= 1 or t.stride(0) == out.stride(0)):
+        return t
+    return torch.empty_like(out).copy_(t)
+
+
+def plan(tensors: list[torch.Tensor], out: torch.Tensor) -> Plan:
+    """Plan an elementwise launch over same-shaped ``(B, …)`` inputs writing ``out`` (from
+    :func:`output_like`)."""
     tensors = list(tensors)
     if len({_key(t) for t in tensors}) > 1:
-        tensors = [t.contiguous() for t in tensors]
-        if len({_key(t) for t in tensors}) > 1:  # pragma: no cover - contiguous tensors agree
-            raise AssertionError("layouts still differ after .contiguous()")
-    first = tensors[0]
-    batch = first.shape[0]
-    inner = prod(first.shape[1:])
-    dims = _coalesce(tuple(first.shape[1:]), tuple(first.stride()[1:]))
+        tensors = [_in_layout_of(t, out) for t in tensors]
+    batch = out.shape[0]
+    inner = prod(out.shape[1:])
+    ndim = out.dim() - 1
+    # Inner dims ordered as the output lies in memory (outermost first).
+    order = sorted(range(ndim), key=lambda i: -out.stride(i + 1))
+    shape = [out.shape[i + 1] for i in order]
+    dims = _coalesce(shape, [tensors[0].stride(i + 1) for i in order], [out.stride(i + 1) for i in order])
     if len(dims) > MAX_RANK:
-        tensors = [t.contiguous() for t in tensors]
-        first = tensors[0]
-        dims = _coalesce(tuple(first.shape[1:]), tuple(first.stride()[1:]))
+        tensors = [_in_layout_of(t, out) for t in tensors]
+        dims = _coalesce(shape, [tensors[0].stride(i + 1) for i in order], [out.stride(i + 1) for i in order])
     rank = len(dims)
     dims = [(1, 0)] * (MAX_RANK - rank) + dims
-    batch_stride = first.stride(0) if batch > 1 else 0
+    batch_stride = tensors[0].stride(0) if batch > 1 else 0
     return Plan(batch=batch, inner=inner, sizes=tuple(n for n, _ in dims), strides=tuple(s for _, s in dims),
                 batch_stride=batch_stride, rank=rank, tensors=tuple(tensors))
 

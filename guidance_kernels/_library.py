@@ -10,8 +10,8 @@ the CUDA extension (and never initialises CUDA):
     triton -> guidance_kernels.triton.<op>
     cuda   -> guidance_kernels.cuda.<op>
 
-Fakes allocate outputs with explicit shapes (``new_empty``), never ``empty_like`` of a possibly
-permuted input, so fake and real strides agree.
+Fakes and backends allocate outputs with the same explicit rule (``_layout.output_like``), never
+a bare ``empty_like`` of a possibly permuted input, so fake and real strides agree.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ._layout import output_like
 
 NAMESPACE = "guidance_kernels"
 _PACKAGES = {"torch": "torch_ops", "triton": "triton", "cuda": "cuda"}
@@ -34,8 +36,9 @@ def implementation(family: str, backend: str, name: str):
 
 def _combine_out(preds: list[Tensor], num_branches: int) -> Tensor:
     first = preds[0]
-    batch = first.shape[0] // num_branches if len(preds) == 1 else first.shape[0]
-    return first.new_empty((batch, *first.shape[1:]))
+    if len(preds) == 1 and num_branches > 1:
+        first = first[: first.shape[0] // num_branches]
+    return output_like(first)
 
 
 # --------------------------------------------------------------------------- guidance_combine

@@ -4,11 +4,12 @@ Predictions come either as ONE stacked tensor in the pipelines' branch-major lay
 ``(K·B, …)`` (``pred.chunk(K)`` order; no chunk/cat copies are made) or as K separate
 ``(B, …)`` tensors (two models, as in autoguidance). Any float dtype (fp32/fp16/bf16; fp64 on
 the torch backend) and any layout — strided, sliced, offset — is accepted; arithmetic is fp32
-and the output is a new contiguous ``(B, …)`` tensor in the input dtype.
+and the output is a new ``(B, …)`` tensor in the input dtype.
 
 Scales are Python numbers or float tensors of shape (), (1,) or (B,) (per sample) on the
 predictions' device. Tensors let a scale change every step under ``torch.compile`` without
-recompiling and keep the call CUDA-graph capturable. The combine, rescale, APG and CFG-Zero*
+recompiling and keep the call CUDA-graph capturable. The output has the branches' layout when it
+is dense with the batch outermost (contiguous, channels-last) and is contiguous otherwise. The combine, rescale, APG and CFG-Zero*
 run in one (plain) or two (with per-sample reductions) kernel launches with no host sync.
 
 These are inference ops: they have no autograd formula.
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _library, backends
+from . import _checks, _layout, _library, backends
 from .terms import Guidance
 
 MAX_BRANCHES = 8
@@ -112,8 +113,8 @@ def apg_combine(pred, scale, *, cond: int = 1, uncond: int = 0, num_branches: in
 
     then optional guidance rescale against D_cond (diffusers' APG guider ``guidance_rescale``).
     diffusers' defaults are ``norm_threshold=15``, ``eta=1``, no momentum (its momentum, e.g.
-    −0.5, needs a buffer: see :func:`apg_momentum_buffer`). The buffer is ``(B, …)``, contiguous,
-    float32 or the prediction dtype, zero before the first step.
+    −0.5, needs a buffer: see :func:`apg_momentum_buffer`). The buffer is ``(B, …)`` in the
+    output's layout, float32 or the prediction dtype, zero before the first step.
     """
     fn = "apg_combine"
     preds, k, cond, uncond = _pair(fn, pred, cond, uncond, num_branches)
@@ -136,8 +137,13 @@ def apg_combine(pred, scale, *, cond: int = 1, uncond: int = 0, num_branches: in
         if momentum_buffer.dtype not in (torch.float32, preds[0].dtype):
             _checks.fail(fn, "momentum_buffer", f"dtype {momentum_buffer.dtype}: use float32 or the "
                                                 f"prediction dtype {preds[0].dtype}", TypeError)
-        if not momentum_buffer.is_contiguous():
-            _checks.fail(fn, "momentum_buffer", "must be contiguous (it is updated in place)")
+        branch = preds[0][:batch]
+        expected = _layout.output_strides(branch_shape, tuple(branch.stride()))
+        if _layout.layout_key(branch_shape, tuple(momentum_buffer.stride())) != _layout.layout_key(branch_shape,
+                                                                                                   expected):
+            _checks.fail(fn, "momentum_buffer", f"strides {tuple(momentum_buffer.stride())}: it is updated in "
+                                                f"place in the output's layout {expected}; create it with "
+                                                "apg_momentum_buffer")
     elif momentum != 0.0:
         _checks.fail(fn, "momentum_buffer", "required when momentum != 0 (see apg_momentum_buffer)")
     phi, phi_tensor = _rescale_arg(fn, rescale, batch, device)
@@ -150,10 +156,10 @@ def apg_combine(pred, scale, *, cond: int = 1, uncond: int = 0, num_branches: in
 
 
 def apg_momentum_buffer(pred, *, num_branches: int = 2) -> torch.Tensor:
-    """A zero float32 momentum buffer shaped like one branch of ``pred`` (stacked or a sequence)."""
-    first = pred if isinstance(pred, torch.Tensor) else pred[0]
-    batch = first.shape[0] // num_branches if isinstance(pred, torch.Tensor) else first.shape[0]
-    return torch.zeros((batch, *first.shape[1:]), dtype=torch.float32, device=first.device)
+    """A zero float32 momentum buffer for ``pred`` (stacked or a sequence): one branch's shape, in
+    the layout of the combine's output (contiguous, or e.g. channels-last for channels-last input)."""
+    first = pred[: pred.shape[0] // num_branches] if isinstance(pred, torch.Tensor) else pred[0]
+    return _layout.output_like(first).float().zero_()
 
 
 def cfg_zero_star_combine(pred, scale, *, cond: int = 1, uncond: int = 0, num_branches: int | None = None,

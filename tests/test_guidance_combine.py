@@ -113,7 +113,7 @@ def test_guidance_combine_matches_reference(lane, dtype, shape):
     lowp = R.guidance_combine([b.cpu() for b in branches], guidance)
     for pred in (stacked, branches):
         out = gk.guidance_combine(pred, guidance, backend=backend)
-        assert out.device.type == device and out.is_contiguous()
+        assert out.device.type == device and out.is_contiguous()  # dense inputs: their layout
         assert_close_to_truth(out, lowp, truth, what=f"{backend} {dtype}")
 
 
@@ -145,6 +145,29 @@ def guidance_to64(g):
 
 def guidance_cpu(g):
     return _map_guidance(g, to_cpu)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channels_last_output_keeps_the_layout(lane, dtype):
+    """A channels-last stacked batch (diffusers' recommended UNet memory format) gives a
+    channels-last result, computed in memory order; the APG buffer follows the same layout."""
+    backend, device = lane
+    pred = torch.cat(_branches(3, (2, 4, 6, 5), dtype, device, seed=6)).contiguous(memory_format=torch.channels_last)
+    g = gk.cfg(7.5) + gk.pag(3.0)
+    out = gk.guidance_combine(pred, g, backend=backend)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    truth = R.guidance_combine(list(to64(pred).chunk(3)), g)
+    assert_close_to_truth(out, R.guidance_combine(list(pred.cpu().chunk(3)), g), truth)
+    buf = gk.apg_momentum_buffer(pred[:4])
+    assert buf.is_contiguous(memory_format=torch.channels_last) and buf.dtype == torch.float32
+    out = gk.apg_combine(pred[:4], 5.0, momentum=-0.5, momentum_buffer=buf, backend=backend)
+    ref_buf = torch.zeros(2, 4, 6, 5, dtype=torch.float64)
+    truth = R.apg_combine(to64(pred[2:4]), to64(pred[:2]), 5.0, momentum=-0.5, momentum_buffer=ref_buf)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    lowp = R.apg_combine(pred[2:4].cpu(), pred[:2].cpu(), 5.0, momentum=-0.5,
+                         momentum_buffer=torch.zeros(2, 4, 6, 5, dtype=dtype))
+    assert_close_to_truth(out, lowp, truth, factor=4.0)
+    torch.testing.assert_close(to64(buf), ref_buf, rtol=1e-5, atol=1e-5)
 
 
 def test_stacked_views_and_offsets(lane):
@@ -282,7 +305,7 @@ def test_bad_input_is_rejected_with_the_argument_name():
     _bad(ValueError, "momentum_buffer: required", x[:4], 5.0, momentum=0.5, fn=gk.apg_combine)
     _bad(ValueError, "momentum_buffer: shape", x[:4], 5.0, momentum_buffer=torch.zeros(3, 4, 8, 8),
          fn=gk.apg_combine)
-    _bad(ValueError, "momentum_buffer: must be contiguous", x[:4], 5.0,
+    _bad(ValueError, "momentum_buffer: strides .* create it with apg_momentum_buffer", x[:4], 5.0,
          momentum_buffer=torch.zeros(2, 8, 8, 4).permute(0, 3, 1, 2), fn=gk.apg_combine)
     _bad(ValueError, "formulation: must be one of", x[:4], 5.0, formulation="comfy", fn=gk.apg_combine)
     _bad(ValueError, "norm_threshold: must be >= 0", x[:4], 5.0, norm_threshold=-1.0, fn=gk.apg_combine)

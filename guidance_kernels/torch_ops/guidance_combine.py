@@ -1,8 +1,8 @@
 """PyTorch backend of the combine family: guidance_combine, apg_combine, cfg_zero_star_combine.
 
 Inputs are the op arguments (see ``guidance_kernels._library``). Arithmetic is fp32 (fp64 for
-fp64 inputs) whatever the input dtype; the output is a new contiguous (B, …) tensor in the input
-dtype. The formulas are those of :mod:`guidance_kernels.reference`, with the same operation order.
+fp64 inputs) whatever the input dtype; the output is a new (B, …) tensor in the input dtype, laid out
+by ``_layout.output_like``. The formulas are those of :mod:`guidance_kernels.reference`, with the same operation order.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._checks import split_branches
+from .._layout import output_like
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -22,13 +23,9 @@ def _scale(number: float, tensor: torch.Tensor | None, ndim: int, dtype: torch.d
     return tensor.to(dtype).reshape(-1, *([1] * (ndim - 1)))
 
 
-def _finish(result: torch.Tensor, like: torch.Tensor, inputs) -> torch.Tensor:
-    """A contiguous result in the input dtype that never aliases an input (custom ops must not)."""
-    out = result.to(like.dtype).contiguous()
-    storage = out.untyped_storage().data_ptr()
-    if any(storage == t.untyped_storage().data_ptr() for t in inputs):
-        out = out.clone()
-    return out
+def _finish(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The result in the input dtype and the layout every backend uses (never an input alias)."""
+    return output_like(like).copy_(result)
 
 
 def _rescale(out: torch.Tensor, ref: torch.Tensor, phi) -> torch.Tensor:
@@ -52,7 +49,7 @@ def guidance_combine(preds, num_branches, base, pos, neg, scales, scale_tensors,
     if _wants_rescale(rescale, rescale_tensor):
         phi = _scale(rescale, rescale_tensor, acc.dim(), dtype)
         acc = _rescale(acc, branches[rescale_ref].to(dtype), phi)
-    return _finish(acc, like, preds)
+    return _finish(acc, like)
 
 
 def apg_combine(preds, num_branches, cond, uncond, scale, scale_tensor, eta, norm_threshold, momentum,
@@ -82,7 +79,7 @@ def apg_combine(preds, num_branches, cond, uncond, scale, scale_tensor, eta, nor
         out = c + w * update
     if _wants_rescale(rescale, rescale_tensor):
         out = _rescale(out, c, _scale(rescale, rescale_tensor, c.dim(), dtype))
-    return _finish(out, like, preds)
+    return _finish(out, like)
 
 
 def cfg_zero_star_combine(preds, num_branches, cond, uncond, scale, scale_tensor, original_formulation, rescale,
@@ -99,4 +96,4 @@ def cfg_zero_star_combine(preds, num_branches, cond, uncond, scale, scale_tensor
     out = (c if original_formulation else u_alpha) + s * (c - u_alpha)
     if _wants_rescale(rescale, rescale_tensor):
         out = _rescale(out, c, _scale(rescale, rescale_tensor, c.dim(), dtype))
-    return _finish(out, like, preds)
+    return _finish(out, like)

@@ -350,8 +350,8 @@ def guidance_combine(preds, num_branches, base, pos, neg, scales, scale_tensors,
     do_rescale = rescale_tensor is not None or rescale > 0
     used = sorted({base, *pos, *neg, *([rescale_ref] if do_rescale else [])})
     slot = {k: i for i, k in enumerate(used)}
-    plan = _layout.plan([branches[k] for k in used])
-    out = branches[0].new_empty(branches[0].shape)
+    out = _layout.output_like(branches[0])
+    plan = _layout.plan([branches[k] for k in used], out)
     if out.numel() == 0:
         return out
     xs = plan.tensors
@@ -375,8 +375,8 @@ def guidance_combine(preds, num_branches, base, pos, neg, scales, scale_tensors,
 def _projected(kind, preds, num_branches, cond, uncond, scale, scale_tensor, *, eta=1.0, threshold=0.0,
                momentum=0.0, buf=None, formulation=0, rescale=0.0, rescale_tensor=None):
     branches = split_branches(preds, num_branches)
-    plan = _layout.plan([branches[cond], branches[uncond]])
-    out = branches[0].new_empty(branches[0].shape)
+    out = _layout.output_like(branches[0])
+    plan = _layout.plan([branches[cond], branches[uncond]], out)
     if out.numel() == 0:
         return out
     xs = plan.tensors
