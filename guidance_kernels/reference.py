@@ -10,6 +10,7 @@ Shapes: a branch is ``(B, …)``; ``branches`` is the list of the K branches (``
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -117,3 +118,40 @@ def cfg_zero_star_combine(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, sc
     if isinstance(rescale, torch.Tensor) or rescale > 0:
         pred = rescale_noise_cfg(pred, pred_cond, rescale)
     return pred
+
+
+# --------------------------------------------------------------------------- Gaussian blur (SEG §5, SAG §6)
+
+SEG_INF_SIGMA = 9999.0  # SEG-SDXL: sigma above this is "infinite" (every query := the grid mean)
+
+
+def seg_kernel_size(sigma: float) -> int:
+    """SEG-SDXL's kernel size rule: ``ceil(6σ) + 1 − ceil(6σ) % 2`` (always odd)."""
+    k = math.ceil(6 * sigma)
+    return k + 1 - k % 2
+
+
+def gaussian_kernel_1d(kernel_size: int, sigma: float) -> torch.Tensor:
+    """The 1-D weights of both anchors' ``gaussian_blur_2d``, in float32 (cast to the tensor dtype
+    by the caller): ``exp(−½ (x/σ)²)`` on ``linspace(−(k−1)/2, (k−1)/2, k)``, normalised to sum 1."""
+    half = (kernel_size - 1) * 0.5
+    x = torch.linspace(-half, half, steps=kernel_size)
+    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+    return pdf / pdf.sum()
+
+
+def gaussian_blur_2d(img: torch.Tensor, kernel_size: int, sigma: float, *, cap_to_grid: bool = True) -> torch.Tensor:
+    """Depthwise Gaussian blur of ``(B, C, H, W)`` with reflect padding, as SEG-SDXL writes it: a
+    k×k kernel ``outer(w, w)`` in the image dtype and one grouped ``conv2d``.
+
+    ``cap_to_grid`` applies SEG-SDXL's cap ``k ≤ W − (W % 2 − 1)`` (its code uses the last dim);
+    diffusers' SAG pipeline has the same function without the cap (``cap_to_grid=False``)."""
+    if cap_to_grid:
+        width = img.shape[-1]
+        kernel_size = min(kernel_size, width - (width % 2 - 1))
+    x_kernel = gaussian_kernel_1d(kernel_size, sigma).to(device=img.device, dtype=img.dtype)
+    kernel2d = torch.mm(x_kernel[:, None], x_kernel[None, :])
+    kernel2d = kernel2d.expand(img.shape[-3], 1, kernel2d.shape[0], kernel2d.shape[1])
+    padding = [kernel_size // 2] * 4
+    img = torch.nn.functional.pad(img, padding, mode="reflect")
+    return torch.nn.functional.conv2d(img, kernel2d, groups=img.shape[-3])
