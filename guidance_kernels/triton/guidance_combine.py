@@ -147,7 +147,7 @@ def _combine_kernel(out_ptr, xs, gs, gps, gss, stats_ptr, phi, phi_ptr, phi_stri
 
 @triton.jit
 def _moments_kernel(stats_ptr, xs, gs, gps, gss, buf_ptr, momentum,
-                    inner, chunk, num_parts, n1, n2, s0, s1, s2, bs,
+                    inner, chunk, chunk_tiles, num_parts, n1, n2, s0, s1, s2, bs,
                     KIND: tl.constexpr, BASE: tl.constexpr, TERMS: tl.constexpr, NT: tl.constexpr,
                     REF: tl.constexpr, COND: tl.constexpr, UNCOND: tl.constexpr, HAS_BUF: tl.constexpr,
                     RANK: tl.constexpr, BLOCK: tl.constexpr):
@@ -166,8 +166,10 @@ def _moments_kernel(stats_ptr, xs, gs, gps, gss, buf_ptr, momentum,
     m01 = 0.0
     m02 = 0.0
     m12 = 0.0
-    for start in range(lo, hi, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
+    # A plain integer trip count (tensor-valued range bounds break Triton 3.6's interpreter); the
+    # last chunk's trailing tiles are empty and contribute nothing (n_t = 0).
+    for tile in range(0, chunk_tiles):
+        idx = lo + tile * BLOCK + tl.arange(0, BLOCK)
         mask = idx < hi
         off = b * bs + _inner_offset(idx, n1, n2, s0, s1, s2, RANK)
         if KIND == KIND_COMBINE:
@@ -190,15 +192,15 @@ def _moments_kernel(stats_ptr, xs, gs, gps, gss, buf_ptr, momentum,
         f1 = tl.where(mask, f1, 0.0)
         f2 = tl.where(mask, f2, 0.0)
         n_t = tl.sum(mask.to(tl.float32), axis=0)
-        t0 = tl.sum(f0, axis=0) / n_t
-        t1 = tl.sum(f1, axis=0) / n_t
-        t2 = tl.sum(f2, axis=0) / n_t
+        t0 = tl.sum(f0, axis=0) / tl.maximum(n_t, 1.0)
+        t1 = tl.sum(f1, axis=0) / tl.maximum(n_t, 1.0)
+        t2 = tl.sum(f2, axis=0) / tl.maximum(n_t, 1.0)
         e0 = tl.where(mask, f0 - t0, 0.0)
         e1 = tl.where(mask, f1 - t1, 0.0)
         e2 = tl.where(mask, f2 - t2, 0.0)
         # Chan et al.: merge the tile's (n_t, t, e·e) into the running (count, mean, m).
         total = count + n_t
-        weight = n_t / total
+        weight = n_t / tl.maximum(total, 1.0)
         cross = count * weight
         d0 = t0 - mean0
         d1 = t1 - mean1
@@ -332,7 +334,7 @@ def _moments(plan, out, xs, *, kind, base=0, terms=((0, 0, False),), nt=0, gs=(0
     stats = torch.empty((plan.batch, parts, 10), dtype=torch.float32, device=out.device)
     _moments_kernel[(plan.batch * parts,)](
         stats, xs, gs, gps if gps is not None else (out,), gss, buf if buf is not None else out, float(momentum),
-        plan.inner, chunk, parts, *_geometry(plan),
+        plan.inner, chunk, chunk // BLOCK, parts, *_geometry(plan),
         KIND=kind, BASE=base, TERMS=terms, NT=nt, REF=ref, COND=cond, UNCOND=uncond, HAS_BUF=buf is not None,
         RANK=plan.rank, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return stats, parts
