@@ -14,13 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import HAS_TRITON
+from helpers import needs
 
 HERE = Path(__file__).resolve().parent
-pytestmark = pytest.mark.skipif(not __import__("conftest").HAS_TRITON, reason="triton is not installed")
 
 
 @pytest.fixture(scope="module")
 def aot_records():
+    needs(HAS_TRITON, "triton is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, str(HERE / "triton_aot.py")], capture_output=True, text=True, env=env,
