@@ -63,7 +63,6 @@ def test_reference_matches_independent_float64():
 
 
 def test_reference_matches_diffusers():
-    pytest.importorskip("diffusers")  # a test dependency (pyproject [test]); present in CI
     from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
     from diffusers.guiders.classifier_free_zero_star_guidance import ClassifierFreeZeroStarGuidance
     from diffusers.guiders.guider_utils import rescale_noise_cfg
