@@ -37,6 +37,14 @@ def _rescale_arg(fn: str, rescale, batch: int, device) -> tuple[float, torch.Ten
     return _checks.scale(fn, "rescale", rescale, batch, device)
 
 
+def _per_sample_dims(fn: str, preds: list[torch.Tensor]) -> None:
+    # Per-sample statistics need non-batch dims; torch's std(dim=[]) would silently reduce over the
+    # whole batch instead (what diffusers' rescale does on 1-D input).
+    if preds[0].dim() < 2:
+        _checks.fail(fn, "pred", "per-sample statistics (rescale, APG, CFG-Zero*) need at least one "
+                                 "non-batch dimension")
+
+
 def _batch(preds: list[torch.Tensor], num_branches: int) -> int:
     return preds[0].shape[0] // num_branches if len(preds) == 1 else preds[0].shape[0]
 
@@ -76,6 +84,8 @@ def guidance_combine(pred, guidance: Guidance, *, num_branches: int | None = Non
         numbers.append(number)
         tensors.append(tensor)
     phi, phi_tensor = _rescale_arg(fn, rescale, batch, device)
+    if phi_tensor is not None or phi != 0.0:
+        _per_sample_dims(fn, preds)
     if rescale_ref is None:
         if (phi_tensor is not None or phi != 0.0) and not guidance.terms:
             _checks.fail(fn, "rescale_ref", "required when rescaling a guidance without terms")
@@ -94,6 +104,7 @@ def _pair(fn: str, pred, cond: int, uncond: int, num_branches: int | None):
     preds, k = _checks.branches(fn, "pred", pred, num_branches, needed, MAX_BRANCHES)
     cond = _checks.branch_index(fn, "cond", cond, k)
     uncond = _checks.branch_index(fn, "uncond", uncond, k)
+    _per_sample_dims(fn, preds)
     return preds, k, cond, uncond
 
 

@@ -248,7 +248,7 @@ def test_empty_batch_and_single_element(lane):
     backend, device = lane
     empty = torch.empty(0, 4, 8, 8, device=device)
     assert gk.guidance_combine(empty, gk.cfg(5.0), num_branches=2, backend=backend).shape == (0, 4, 8, 8)
-    one = torch.randn(2, 1, device=device)
+    one = torch.randn(2, 1, device=device)  # one element per sample
     out = gk.guidance_combine(one, gk.cfg(5.0), rescale=0.5, backend=backend)  # std of 1 element: NaN
     expect = R.guidance_combine(list(one.cpu().chunk(2)), gk.cfg(5.0), rescale=0.5)
     assert torch.equal(torch.isnan(out.cpu()), torch.isnan(expect))
@@ -298,6 +298,9 @@ def test_bad_input_is_rejected_with_the_argument_name():
          num_branches=3)
     _bad(TypeError, "scale tensor must be floating point", x, gk.cfg(torch.tensor(3)))
     _bad(ValueError, "rescale: must be finite", x, g, rescale=float("nan"))
+    _bad(ValueError, "pred: per-sample statistics", torch.randn(6), g, rescale=0.5)
+    _bad(ValueError, "pred: per-sample statistics", torch.randn(4), 5.0, fn=gk.apg_combine)
+    _bad(ValueError, "pred: per-sample statistics", torch.randn(4), 5.0, fn=gk.cfg_zero_star_combine)
     _bad(TypeError, "guidance: expected a Guidance", x, [(1, 0, 7.5)])
     _bad(ValueError, "guidance: at most 8 terms", x, gk.Guidance(0, tuple(gk.Term(1, 0, 1.0) for _ in range(9))))
     _bad(ValueError, "backend='nope'", x, g, backend="nope")
