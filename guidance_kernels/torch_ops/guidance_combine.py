@@ -52,14 +52,17 @@ def guidance_combine(preds, num_branches, base, pos, neg, scales, scale_tensors,
     return _finish(acc, like)
 
 
+def _pair(preds, num_branches, cond, uncond):
+    """(first branch, compute dtype, cond, uncond in the compute dtype, non-batch dims)."""
+    branches = split_branches(preds, num_branches)
+    dtype = _compute_dtype(branches[0])
+    c, u = branches[cond].to(dtype), branches[uncond].to(dtype)
+    return branches[0], dtype, c, u, list(range(1, c.dim()))
+
+
 def apg_combine(preds, num_branches, cond, uncond, scale, scale_tensor, eta, norm_threshold, momentum,
                 momentum_buffer, formulation, rescale, rescale_tensor):
-    branches = split_branches(preds, num_branches)
-    like = branches[0]
-    dtype = _compute_dtype(like)
-    c = branches[cond].to(dtype)
-    u = branches[uncond].to(dtype)
-    dims = list(range(1, c.dim()))
+    like, dtype, c, u, dims = _pair(preds, num_branches, cond, uncond)
     diff = c - u
     if momentum_buffer is not None:
         diff = diff + momentum * momentum_buffer.to(dtype)
@@ -84,12 +87,7 @@ def apg_combine(preds, num_branches, cond, uncond, scale, scale_tensor, eta, nor
 
 def cfg_zero_star_combine(preds, num_branches, cond, uncond, scale, scale_tensor, original_formulation, rescale,
                           rescale_tensor):
-    branches = split_branches(preds, num_branches)
-    like = branches[0]
-    dtype = _compute_dtype(like)
-    c = branches[cond].to(dtype)
-    u = branches[uncond].to(dtype)
-    dims = list(range(1, c.dim()))
+    like, dtype, c, u, dims = _pair(preds, num_branches, cond, uncond)
     alpha = (c * u).sum(dim=dims, keepdim=True) / ((u * u).sum(dim=dims, keepdim=True) + 1e-8)
     u_alpha = u * alpha
     s = _scale(scale, scale_tensor, c.dim(), dtype)

@@ -61,6 +61,17 @@ def _inner_offset(idx, n1, n2, s0, s1, s2, RANK: tl.constexpr):
 
 
 @triton.jit
+def _tile(tiles, inner, bs, n1, n2, s0, s1, s2, RANK: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's sample, BLOCK inner indices, their mask and input offsets (1-D grid of
+    ``batch * tiles`` programs: no grid-dimension limit on the batch)."""
+    pid = tl.program_id(0)
+    b = (pid // tiles).to(tl.int64)
+    idx = (pid % tiles).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < inner
+    return b, idx, mask, b * bs + _inner_offset(idx, n1, n2, s0, s1, s2, RANK)
+
+
+@triton.jit
 def _load(ptr, mask):
     return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
 
@@ -131,11 +142,7 @@ def _combine_kernel(out_ptr, xs, gs, gps, gss, stats_ptr, phi, phi_ptr, phi_stri
                     inner, tiles, num_parts, n1, n2, s0, s1, s2, bs,
                     BASE: tl.constexpr, TERMS: tl.constexpr, NT: tl.constexpr, RESCALE: tl.constexpr,
                     PHI_TENSOR: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
-    pid = tl.program_id(0)
-    b = (pid // tiles).to(tl.int64)
-    idx = (pid % tiles).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < inner
-    off = b * bs + _inner_offset(idx, n1, n2, s0, s1, s2, RANK)
+    b, idx, mask, off = _tile(tiles, inner, bs, n1, n2, s0, s1, s2, RANK, BLOCK)
     acc = _linear(xs, off, mask, b, gs, gps, gss, BASE, TERMS, NT)
     if RESCALE:
         n, _m0, _m1, _m2, m00, m11, _m22, _m01, _m02, _m12 = _sample_moments(
@@ -235,11 +242,7 @@ def _projected_kernel(out_ptr, xs, stats_ptr, buf_ptr, w, w_ptr, w_stride, eta, 
                       FORMULATION: tl.constexpr, W_TENSOR: tl.constexpr, RESCALE: tl.constexpr,
                       PHI_TENSOR: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
     """Second pass of APG (KIND_APG) and CFG-Zero* (KIND_CFG0)."""
-    pid = tl.program_id(0)
-    b = (pid // tiles).to(tl.int64)
-    idx = (pid % tiles).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < inner
-    off = b * bs + _inner_offset(idx, n1, n2, s0, s1, s2, RANK)
+    b, idx, mask, off = _tile(tiles, inner, bs, n1, n2, s0, s1, s2, RANK, BLOCK)
     n, mean0, mean1, mean2, m00, m11, m22, m01, m02, m12 = _sample_moments(
         stats_ptr + b * num_parts * NSTAT, num_parts, BLOCK_P)
     w = _scale_at(w, w_ptr, w_stride, b, W_TENSOR)
