@@ -56,10 +56,15 @@ class GuidedDenoiser:
         sag_blur_sigma: σ of SAG's 9×9 blur (diffusers 1.0; ComfyUI 2.0).
         fork: let perturbed branches join the batch at their first perturbed block (exact; faster).
         scheduler: a diffusers scheduler with ``alphas_cumprod`` and ``config.prediction_type`` (SAG).
+        reference: compute every branch the way the anchors do — the references of
+            :mod:`guidance_kernels.reference` (chunked SDPA, conv2d query blur, explicit attention
+            map for SAG, eager combine) instead of the ops. The no-kernels baseline of the example
+            and the benchmark; use ``fork=False`` with it for the stock batched forward.
     """
 
     def __init__(self, model: torch.nn.Module, *, pag_layers=None, seg_layers=None, seg_sigma: float = 9999999.0,
-                 sag: bool = False, sag_blur_sigma: float = 1.0, fork: bool = True, scheduler: Any = None):
+                 sag: bool = False, sag_blur_sigma: float = 1.0, fork: bool = True, scheduler: Any = None,
+                 reference: bool = False):
         self.model = model
         self.unet = _layers.is_unet(model)
         default = "mid" if self.unet else "blocks.1"
@@ -78,6 +83,8 @@ class GuidedDenoiser:
         self.fork = bool(fork)
         self.state = ForwardState()
         self.state.extras["seg_sigma"] = self.seg_sigma
+        self.reference = bool(reference)
+        self.state.extras["reference"] = self.reference
         self._plans: dict[tuple, BranchPlan] = {}
         self._original: dict[str, Any] = {}
         self._hooks = install_fork_hooks(model, self.state) if self.fork else []
@@ -137,6 +144,8 @@ class GuidedDenoiser:
         ``"cfg_zero_star"`` (CFG only; ``combine_kwargs`` go to apg_combine / cfg_zero_star_combine).
         Returns the guided prediction (B, C, H, W) in the model's output dtype.
         """
+        if combine not in ("cfg", "apg", "cfg_zero_star"):
+            raise ValueError(f"GuidedDenoiser: combine: unknown {combine!r} (cfg, apg, cfg_zero_star)")
         b = sample.shape[0]
         cfg = _cfg_on(guidance_scale)
         if cfg and negative_encoder_hidden_states is None:
@@ -169,23 +178,30 @@ class GuidedDenoiser:
         finally:
             self.state.plan = None
             self.state.extras.pop("sag_mass", None)
-        if combine == "apg":
-            return _combine.apg_combine(branches[:2], guidance_scale, cond=index["cond"], uncond=index["uncond"],
-                                        rescale=guidance_rescale, **combine_kwargs)
-        if combine == "cfg_zero_star":
-            return _combine.cfg_zero_star_combine(branches[:2], guidance_scale, cond=index["cond"],
-                                                  uncond=index["uncond"], rescale=guidance_rescale, **combine_kwargs)
-        if combine != "cfg":
-            raise ValueError(f"GuidedDenoiser: combine: unknown {combine!r} (cfg, apg, cfg_zero_star)")
         c = index["cond"]
+        if combine != "cfg":
+            return self._projected(combine, branches[c], branches[index["uncond"]], guidance_scale, guidance_rescale,
+                                   combine_kwargs)
         spec = _terms.cfg(guidance_scale, uncond=index["uncond"], cond=c) if cfg else _terms.Guidance(c)
-        if "pag" in index:
-            spec = spec + _terms.pag(pag_scale, cond=c, perturbed=index["pag"])
-        if "seg" in index:
-            spec = spec + _terms.seg(seg_scale, cond=c, perturbed=index["seg"])
+        for kind, scale, helper in (("pag", pag_scale, _terms.pag), ("seg", seg_scale, _terms.seg)):
+            if kind in index:
+                spec = spec + helper(scale, cond=c, perturbed=index[kind])
         if sag:
             spec = spec + _terms.sag(sag_scale, uncond=index["uncond"] if cfg else c, degraded=len(branches) - 1)
+        if self.reference:
+            from ... import reference as ref
+
+            return ref.guidance_combine(branches, spec, rescale=guidance_rescale, rescale_ref=c)
         return _combine.guidance_combine(branches, spec, rescale=guidance_rescale, rescale_ref=c)
+
+    def _projected(self, combine, cond, uncond, scale, rescale, kwargs):
+        if self.reference:
+            from ... import reference as ref
+
+            fn = ref.apg_combine if combine == "apg" else ref.cfg_zero_star_combine
+            return fn(cond, uncond, scale, rescale=rescale, **kwargs)
+        fn = _combine.apg_combine if combine == "apg" else _combine.cfg_zero_star_combine
+        return fn([uncond, cond], scale, rescale=rescale, **kwargs)
 
     def _forward(self, sample, timestep, branch_inputs) -> torch.Tensor:
         n = len(branch_inputs)
@@ -213,8 +229,10 @@ class GuidedDenoiser:
     def _sag_degraded(self, sample, timestep, pred, branch_input) -> torch.Tensor:
         """diffusers' SAG step: x0/eps from ``pred``, blur where the captured key mass > 1, re-noise
         to the same level, and one more forward with ``branch_input``'s conditioning."""
-        from ...sag import sag_degrade
-
+        if self.reference:
+            from ...reference import sag_degrade
+        else:
+            from ...sag import sag_degrade
         mass = self.state.extras.get("sag_mass")
         grid = self.state.extras.get("sag_grid")
         if mass is None:
@@ -232,7 +250,7 @@ class GuidedDenoiser:
         else:
             raise ValueError(f"GuidedDenoiser: unsupported prediction_type {kind!r}")
         degraded = sag_degrade(x0.to(sample.dtype), mass, grid=grid, sigma=self.sag_blur_sigma,
-                               alpha_bar=alpha_bar.expand(sample.shape[0]).contiguous(), eps=eps.to(sample.dtype))
+                               alpha_cumprod=alpha_bar.reshape(-1), eps=eps.to(sample.dtype))
         self.state.extras["sag_capture"] = False
         self.state.plan = self._plan(["cond"], sample.shape[0])  # one plain branch, no perturbation
         return self._forward(degraded, timestep, [branch_input])

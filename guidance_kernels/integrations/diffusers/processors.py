@@ -59,7 +59,7 @@ def _project(attn, x, to_q, to_k, to_v, norm_q, norm_k):
 
 
 def self_attention(attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *, modes=None,
-                   sigma=None, grid_hw=None, capture=None):
+                   sigma=None, grid_hw=None, capture=None, reference=False):
     """diffusers' ``AttnProcessor2_0`` with guided attention: ``modes`` per batch row.
     ``capture`` (a callable taking (mass, grid)) requests SAG's key mass of the uncond rows."""
     residual = hidden_states
@@ -90,7 +90,7 @@ def self_attention(attn, hidden_states, encoder_hidden_states=None, attention_ma
         out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
         out = out.transpose(1, 2).flatten(2)
     else:
-        out = _attend(q, k, v, attn.heads, modes, sigma, grid, capture=capture)
+        out = _attend(q, k, v, attn.heads, modes, sigma, grid, capture=capture, reference=reference)
     out = attn.to_out[0](out.to(q.dtype))
     out = attn.to_out[1](out)
     if input_ndim == 4:
@@ -100,24 +100,44 @@ def self_attention(attn, hidden_states, encoder_hidden_states=None, attention_ma
     return out / attn.rescale_output_factor
 
 
-def _attend(q, k, v, heads, modes, sigma, grid, *, text_tokens=0, capture=None):
-    if capture is None:
+def _guided(q, k, v, heads, modes, sigma, grid, text_tokens, reference):
+    if not reference:
         return guided_attention(q, k, v, modes=modes, sigma=sigma, grid=grid, layout="bnd", heads=heads,
                                 text_tokens=text_tokens, text_position="after")
-    from ...sag import attention_key_mass
+    from ... import reference as ref
 
-    rows, first = capture["rows"], capture["first"]
-    out_plain, mass = attention_key_mass(q[:rows], k[:rows], v[:rows], layout="bnd", heads=heads,
-                                         items=list(range(first, first + capture["count"])))
+    split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+    out = ref.guided_attention(split(q), split(k), split(v), modes or ["none"] * q.shape[0], sigma, grid,
+                               text_tokens=text_tokens, text_position="after")
+    return out.transpose(1, 2).flatten(2)
+
+
+def _attend(q, k, v, heads, modes, sigma, grid, *, text_tokens=0, capture=None, reference=False):
+    """Guided attention over ``(B, N, heads·d)``; with ``capture``, the unperturbed rows go through the
+    key-mass attention and their SAG mass is stored. ``reference`` uses the anchors' formulations
+    (explicit maps, chunked SDPA, conv2d blur) instead of the ops: the no-kernels baseline."""
+    if capture is None:
+        return _guided(q, k, v, heads, modes, sigma, grid, text_tokens, reference)
+    if reference:
+        from ...reference import attention_key_mass
+    else:
+        from ...sag import attention_key_mass
+    rows, first, count = capture["rows"], capture["first"], capture["count"]
+    if reference:
+        out_plain, mass = attention_key_mass(q[:rows], k[:rows], v[:rows], layout="bnd", heads=heads)
+        mass = mass[first:first + count]
+    else:
+        out_plain, mass = attention_key_mass(q[:rows], k[:rows], v[:rows], layout="bnd", heads=heads,
+                                             items=list(range(first, first + count)))
     capture["store"](mass, grid)
     if rows == q.shape[0]:
         return out_plain
-    rest = guided_attention(q[rows:], k[rows:], v[rows:], modes=modes[rows:], sigma=sigma, grid=grid, layout="bnd",
-                            heads=heads, text_tokens=text_tokens, text_position="after")
+    rest = _guided(q[rows:], k[rows:], v[rows:], heads, modes[rows:], sigma, grid, text_tokens, reference)
     return torch.cat([out_plain, rest], dim=0)
 
 
-def joint_attention(attn, hidden_states, encoder_hidden_states, *, modes=None, sigma=None, grid_hw=None):
+def joint_attention(attn, hidden_states, encoder_hidden_states, *, modes=None, sigma=None, grid_hw=None,
+                    reference=False):
     """diffusers' ``JointAttnProcessor2_0`` (image tokens then text tokens) with guided attention:
     identity rows follow PAGJointAttnProcessor2_0 (image query i sees key i and all text keys);
     blur rows blur the image queries only."""
@@ -130,7 +150,7 @@ def joint_attention(attn, hidden_states, encoder_hidden_states, *, modes=None, s
         q, k, v = (torch.cat([a, b], dim=1) for a, b in ((q, tq), (k, tk), (v, tv)))
         text_tokens = encoder_hidden_states.shape[1]
     grid = token_grid(grid_hw, image_tokens) if modes is not None and "blur" in modes else None
-    out = _attend(q, k, v, attn.heads, modes, sigma, grid, text_tokens=text_tokens).to(q.dtype)
+    out = _attend(q, k, v, attn.heads, modes, sigma, grid, text_tokens=text_tokens, reference=reference).to(q.dtype)
     if encoder_hidden_states is not None:
         out, context = out[:, :image_tokens], out[:, image_tokens:]
         if not attn.context_pre_only:
@@ -217,7 +237,8 @@ class GuidedAttnProcessor(_Guided):
         rows = hidden_states.shape[0]
         return self_attention(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
                               modes=self.modes(rows), sigma=self.state.extras.get("seg_sigma"),
-                              grid_hw=self.state.grid, capture=self.capture(rows))
+                              grid_hw=self.state.grid, capture=self.capture(rows),
+                              reference=self.state.extras.get("reference", False))
 
 
 class GuidedJointAttnProcessor(_Guided):
@@ -225,4 +246,5 @@ class GuidedJointAttnProcessor(_Guided):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         return joint_attention(attn, hidden_states, encoder_hidden_states, modes=self.modes(hidden_states.shape[0]),
-                               sigma=self.state.extras.get("seg_sigma"), grid_hw=self.state.extras.get("token_grid"))
+                               sigma=self.state.extras.get("seg_sigma"), grid_hw=self.state.extras.get("token_grid"),
+                               reference=self.state.extras.get("reference", False))
