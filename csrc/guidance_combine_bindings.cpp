@@ -1,0 +1,24 @@
+// Python bindings of the combine family's launchers (csrc/guidance_combine.cu). Kept apart from the
+// .cu so that nvcc never parses the Python / pybind11 headers (they only need the host compiler).
+#include <torch/csrc/utils/pybind.h>
+
+#include "guidance_combine.h"
+
+namespace guidance_kernels {
+
+void register_guidance_combine(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("guidance_combine", &guidance_combine_cuda,
+        "out = D[base] + sum_t g_t (D[pos_t] - D[neg_t]) (+ rescale); one launch, two with rescale",
+        py::arg("out"), py::arg("xs"), py::arg("base"), py::arg("pos"), py::arg("neg"), py::arg("scales"),
+        py::arg("scale_tensors"), py::arg("rescale"), py::arg("ref"), py::arg("phi"), py::arg("phi_tensor"),
+        py::arg("geometry"), py::arg("parts"), py::arg("chunk"));
+  m.def("projected_combine", &projected_combine_cuda,
+        "APG (kind 1) or CFG-Zero* (kind 2) with optional rescale; two launches", py::arg("out"), py::arg("cond"),
+        py::arg("uncond"), py::arg("momentum_buffer"), py::arg("kind"), py::arg("formulation"), py::arg("scale"),
+        py::arg("scale_tensor"), py::arg("eta"), py::arg("norm_threshold"), py::arg("momentum"), py::arg("rescale"),
+        py::arg("phi"), py::arg("phi_tensor"), py::arg("geometry"), py::arg("parts"), py::arg("chunk"));
+  m.attr("GUIDANCE_COMBINE_TILE") = guidance_combine_tile();
+}
+
+}  // namespace guidance_kernels
