@@ -3,14 +3,29 @@
 Triton AOT: ``tests/triton_aot.py`` (a subprocess without TRITON_INTERPRET) compiles every kernel
 launched by the ``CASES`` of ``tests/aot_*.py`` to sm_80 and sm_90 cubin with Triton's own compiler
 and ptxas; every compile must succeed and no kernel may spill registers to local memory.
+
+nvcc (nvcc on PATH): ``tests/nvcc/*.cu`` instantiate every kernel template of the torch-free
+headers in ``csrc/include`` for every element type; they are compiled for sm_80 and sm_90a with the
+extension's flags and ``-Xptxas -v``, whose report must list every kernel for both targets with no
+spill, no stack frame (a run-time indexed register array) and at most 128 registers (two 256-thread
+blocks per SM).
+
+Launcher (GK_TORCH_CUDA_INCLUDE = the ``torch/include`` directory of a CUDA build of torch, e.g.
+extracted from the torch-2.11.0 manylinux wheel): ``csrc/*.cu`` compiled by nvcc (sm_90a only, to
+stay fast) and ``csrc/*.cpp`` by g++ exactly as ``torch.utils.cpp_extension`` builds ``_C``, in
+parallel; the objects must link into one shared object that exports ``PyInit__C`` and leaves none of
+the package's own symbols undefined.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -18,6 +33,14 @@ from conftest import HAS_TRITON
 from helpers import needs
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CSRC = ROOT / "csrc"
+# What torch.utils.cpp_extension adds to every nvcc command (COMMON_NVCC_FLAGS), plus setup.py's own.
+NVCC_FLAGS = ["-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
+              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+              "-D__CUDA_NO_HALF2_OPERATORS__"]
+NVCC_TARGETS = {"sm_80": "arch=compute_80,code=sm_80", "sm_90a": "arch=compute_90a,code=sm_90a"}
+MAX_REGISTERS = 128
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +75,123 @@ def test_contiguous_combine_uses_128_bit_loads(aot_records):
     rows = [r for r in aot_records if r["case"].endswith("combine-torch.bfloat16-contiguous")
             and r["kernel"] == "_combine_kernel"]
     assert rows and all(r["global_loads"].get("v4.b32", 0) >= 3 for r in rows), rows
+
+
+# --------------------------------------------------------------------------- nvcc lane
+
+
+def _run_parallel(commands: list[list[str]], timeout: float = 900) -> list[subprocess.CompletedProcess]:
+    """Run compiler commands concurrently (CI has two cores; nvcc spends much time in one thread)."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    results = []
+    for command, proc in zip(commands, procs):
+        out, err = proc.communicate(timeout=timeout)
+        results.append(subprocess.CompletedProcess(command, proc.returncode, out, err))
+    return results
+
+
+def _ptxas_records(report: str) -> list[dict]:
+    """One record per (entry function, target) from ``-Xptxas -v`` output."""
+    records, current = [], None
+    for line in report.splitlines():
+        match = re.search(r"Compiling entry function '(\S+)' for '(sm_\w+)'", line)
+        if match:
+            current = {"kernel": match.group(1), "target": match.group(2)}
+            records.append(current)
+            continue
+        if current is None:
+            continue
+        match = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if match:
+            current["stack"], current["spill_stores"], current["spill_loads"] = map(int, match.groups())
+        match = re.search(r"Used (\d+) registers", line)
+        if match:
+            current["registers"] = int(match.group(1))
+    return records
+
+
+@pytest.fixture(scope="module")
+def nvcc_report(tmp_path_factory):
+    needs(shutil.which("nvcc") is not None, "nvcc is not on PATH")
+    out = tmp_path_factory.mktemp("nvcc")
+    sources = sorted((HERE / "nvcc").glob("*.cu"))
+    assert sources, "tests/nvcc/ has no translation units"
+    commands = []
+    for source in sources:
+        gencode = [arg for target in NVCC_TARGETS.values() for arg in ("-gencode", target)]
+        commands.append(["nvcc", "-c", str(source), "-o", str(out / f"{source.stem}.o"), *NVCC_FLAGS, *gencode,
+                         "--threads", "2", f"-I{CSRC / 'include'}", "-Xptxas", "-v"])
+    results = _run_parallel(commands)
+    report = {}
+    for source, result in zip(sources, results):
+        assert result.returncode == 0, f"{source.name}:\n{result.stderr[-6000:]}"
+        expected = re.search(r"GK_EXPECTED_KERNELS = (\d+)", source.read_text())
+        assert expected, f"{source.name} must state GK_EXPECTED_KERNELS"
+        report[source.name] = (int(expected.group(1)), _ptxas_records(result.stderr + result.stdout))
+    return report
+
+
+def test_nvcc_compiles_every_kernel_for_sm80_and_sm90a(nvcc_report):
+    for name, (expected, records) in nvcc_report.items():
+        for target in NVCC_TARGETS:
+            kernels = {r["kernel"] for r in records if r["target"] == target}
+            assert len(kernels) == expected, f"{name}: {len(kernels)} kernels for {target}, expected {expected}"
+
+
+def test_nvcc_kernels_do_not_spill(nvcc_report):
+    bad = [f"{name} {r['kernel']} {r['target']}: registers={r.get('registers')} stack={r.get('stack')} "
+           f"spills={r.get('spill_stores')}/{r.get('spill_loads')}"
+           for name, (_, records) in nvcc_report.items() for r in records
+           if r.get("stack", -1) != 0 or r.get("spill_stores", -1) != 0 or r.get("spill_loads", -1) != 0
+           or not 0 < r.get("registers", 0) <= MAX_REGISTERS]
+    assert not bad, "\n".join(bad)
+
+
+# --------------------------------------------------------------------------- launcher lane
+
+
+@pytest.fixture(scope="module")
+def launcher_objects(tmp_path_factory):
+    include = os.environ.get("GK_TORCH_CUDA_INCLUDE", "")
+    needs(bool(include), "GK_TORCH_CUDA_INCLUDE is not set (the torch/include dir of a CUDA build of torch)")
+    include = Path(include)
+    assert (include / "ATen" / "core" / "Tensor.h").is_file(), f"GK_TORCH_CUDA_INCLUDE={include}: no ATen headers"
+    needs(shutil.which("nvcc") is not None, "nvcc is not on PATH")
+    needs(shutil.which("g++") is not None, "g++ is not on PATH")
+    out = tmp_path_factory.mktemp("launcher")
+    common = [f"-I{include}", f"-I{include / 'torch' / 'csrc' / 'api' / 'include'}",
+              f"-I{sysconfig.get_paths()['include']}", f"-I{CSRC / 'include'}", "-D_GLIBCXX_USE_CXX11_ABI=1",
+              "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H"]
+    commands, objects = [], []
+    for source in sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cpp")):
+        obj = out / f"{source.name}.o"
+        objects.append(obj)
+        if source.suffix == ".cu":
+            commands.append(["nvcc", "-c", str(source), "-o", str(obj), *NVCC_FLAGS, "-gencode",
+                             NVCC_TARGETS["sm_90a"], *common, "-Xcompiler", "-fPIC"])
+        else:
+            commands.append(["g++", "-c", str(source), "-o", str(obj), "-std=c++17", "-O3", "-fPIC", *common])
+    results = _run_parallel(commands)
+    failures = [f"{' '.join(r.args[:3])}:\n{r.stderr[-4000:]}" for r in results if r.returncode != 0]
+    assert not failures, "\n\n".join(failures)
+    return out, objects
+
+
+def test_launchers_compile_against_torch_cuda_headers(launcher_objects):
+    _, objects = launcher_objects
+    assert {o.name for o in objects} >= {"guidance_combine.cu.o", "_C.cpp.o"}
+    assert all(o.is_file() and o.stat().st_size > 0 for o in objects)
+
+
+def test_launcher_objects_link_into_the_extension(launcher_objects):
+    out, objects = launcher_objects
+    library = out / "_C.so"
+    proc = subprocess.run(["g++", "-shared", "-o", str(library), *map(str, objects)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    needs(shutil.which("nm") is not None, "nm is not on PATH")
+    undefined = subprocess.run(["nm", "-C", "-u", str(library)], capture_output=True, text=True, check=True).stdout
+    ours = [line for line in undefined.splitlines() if "guidance_kernels" in line]
+    assert not ours, "symbols of the package left undefined:\n" + "\n".join(ours)
+    exported = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True, text=True,
+                              check=True).stdout
+    assert re.search(r"\bPyInit__C\b", exported), "the module init function PyInit__C is not exported"
