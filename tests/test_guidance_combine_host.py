@@ -156,7 +156,8 @@ class FakeExtension:
         lines += [f"formulation {formulation}", f"scale {_scale_field(scale, scale_tensor, batch)}",
                   f"eta {float(eta).hex()}", f"threshold {float(norm_threshold).hex()}",
                   f"momentum {float(momentum).hex()}", f"rescale {int(rescale)} {_scale_field(phi, phi_tensor, batch)}"]
-        head = f"projected kind {kind} fmt {FMT[out.dtype]} buf {FMT[buf.dtype] if buf is not None else 'none'} vec {{vec}}"
+        buf_fmt = FMT[buf.dtype] if buf is not None else "none"
+        head = f"projected kind {kind} fmt {FMT[out.dtype]} buf {buf_fmt} vec {{vec}}"
         replies = self._run(head, geometry, lines, [cond, uncond, out] + ([buf] if buf is not None else []))
         _storage(out, out.numel()).copy_(_from_bits(replies[0].split()[2:], out.dtype))
         if buf is not None:
@@ -372,7 +373,8 @@ def test_offsets_beyond_int32(host, rank, sizes, strides, batch_stride):
     inner = n0 * n1 * n2
     geometry = f"geometry 4 {inner} {n0} {n1} {n2} {strides[0]} {strides[1]} {strides[2]} {batch_stride} {rank}"
     rng = random.Random(2)
-    starts = [0, n2 - 3, n2 - 8, n1 * n2 - 5, inner - 8, inner - 3, inner - 1] + [rng.randrange(inner) for _ in range(40)]
+    starts = [0, n2 - 3, n2 - 8, n1 * n2 - 5, inner - 8, inner - 3, inner - 1]
+    starts += [rng.randrange(inner) for _ in range(40)]
     starts = [s for s in starts if 0 <= s < inner]
     queries = [(rng.randrange(4), s) for s in starts]
     lines = host.run(f"offsets {geometry} {len(queries)} " + " ".join(f"{b} {s}" for b, s in queries))

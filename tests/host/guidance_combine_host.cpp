@@ -158,6 +158,15 @@ void emulate_combine(gc::CombineParams& p, bool rescale) {
   p.stats = nullptr;
 }
 
+template <Fmt F>
+void combine_path(gc::CombineParams& p, bool rescale, bool vec) {
+  if (vec) {
+    emulate_combine<F, true>(p, rescale);
+  } else {
+    emulate_combine<F, false>(p, rescale);
+  }
+}
+
 void run_combine(Reader& r) {
   r.expect("fmt");
   const Fmt f = read_fmt(r);
@@ -201,9 +210,9 @@ void run_combine(Reader& r) {
   p.out = out.data();
   p.out_vector = geo.inner % gk::kGroup == 0;
   switch (f) {
-    case Fmt::F32: vec ? emulate_combine<Fmt::F32, true>(p, rescale) : emulate_combine<Fmt::F32, false>(p, rescale); break;
-    case Fmt::F16: vec ? emulate_combine<Fmt::F16, true>(p, rescale) : emulate_combine<Fmt::F16, false>(p, rescale); break;
-    case Fmt::BF16: vec ? emulate_combine<Fmt::BF16, true>(p, rescale) : emulate_combine<Fmt::BF16, false>(p, rescale); break;
+    case Fmt::F32: combine_path<Fmt::F32>(p, rescale, vec); break;
+    case Fmt::F16: combine_path<Fmt::F16>(p, rescale, vec); break;
+    case Fmt::BF16: combine_path<Fmt::BF16>(p, rescale, vec); break;
     default: throw std::runtime_error("bad format");
   }
   out.print("out");
@@ -414,7 +423,9 @@ void run_moments(Reader& r) {
     std::vector<gc::Moments<3>> threads(gc::kThreads);
     for (uint32_t t = 0; t < gc::kThreads; ++t) {
       threads[t] = gc::empty_moments<3>();
-      for (int64_t s = lo + int64_t(t) * gk::kGroup; s < hi; s += gc::kTile) threads[t] = gc::merge(threads[t], group_at(s, hi));
+      for (int64_t s = lo + int64_t(t) * gk::kGroup; s < hi; s += gc::kTile) {
+        threads[t] = gc::merge(threads[t], group_at(s, hi));
+      }
     }
     const gc::Moments<3> total = gc::block_total_on_host<3>(threads.data());
     if (part == 0) print_moments("block", total);

@@ -355,13 +355,13 @@ struct Pack {
     }
   }
   GK_HD void clear() {
-GK_UNROLL
+    GK_UNROLL
     for (int i = 0; i < kWords; ++i) w[i] = 0;
   }
   // 16-byte vector load/store of a whole group; `p` is 16-byte aligned (checked by the launcher).
   GK_HD void load_vector(const void* p) {
     const Raw16* v = static_cast<const Raw16*>(p);
-GK_UNROLL
+    GK_UNROLL
     for (int i = 0; i < kWords / 4; ++i) {
       const Raw16 r = v[i];
       w[4 * i] = r.x;
@@ -372,7 +372,7 @@ GK_UNROLL
   }
   GK_HD void store_vector(void* p) const {
     Raw16* v = static_cast<Raw16*>(p);
-GK_UNROLL
+    GK_UNROLL
     for (int i = 0; i < kWords / 4; ++i) v[i] = Raw16{w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]};
   }
   // Element e from / to `base[off]` (element offset), for the strided path and partial groups.

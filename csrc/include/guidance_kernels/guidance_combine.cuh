@@ -86,9 +86,9 @@ template <int NF>
 GK_HD Moments<NF> empty_moments() {
   Moments<NF> r;
   r.n = 0.0f;
-GK_UNROLL
+  GK_UNROLL
   for (int i = 0; i < NF; ++i) r.mean[i] = 0.0f;
-GK_UNROLL
+  GK_UNROLL
   for (int k = 0; k < Moments<NF>::kPairs; ++k) r.m[k] = 0.0f;
   return r;
 }
@@ -101,14 +101,14 @@ GK_HD Moments<NF> merge(const Moments<NF>& a, const Moments<NF>& b) {
   const float w = div_rn(b.n, r.n > 1.0f ? r.n : 1.0f);  // counts are whole numbers
   const float cross = mul_rn(a.n, w);                      // a.n * b.n / n
   float d[NF];
-GK_UNROLL
+  GK_UNROLL
   for (int i = 0; i < NF; ++i) {
     d[i] = sub_rn(b.mean[i], a.mean[i]);
     r.mean[i] = fma_rn(d[i], w, a.mean[i]);
   }
-GK_UNROLL
+  GK_UNROLL
   for (int i = 0; i < NF; ++i) {
-GK_UNROLL
+    GK_UNROLL
     for (int j = i; j < NF; ++j) {
       const int k = pair_index<NF>(i, j);
       r.m[k] = add_rn(add_rn(a.m[k], b.m[k]), mul_rn(mul_rn(d[i], d[j]), cross));
@@ -124,22 +124,22 @@ GK_HD Moments<NF> group_moments(const float (&f)[NF][kGroup], int valid) {
   if (valid <= 0) return r;
   r.n = static_cast<float>(valid);
   float dev[NF][kGroup];
-GK_UNROLL
+  GK_UNROLL
   for (int i = 0; i < NF; ++i) {
     float sum = 0.0f;
-GK_UNROLL
+    GK_UNROLL
     for (int e = 0; e < kGroup; ++e) sum = add_rn(sum, e < valid ? f[i][e] : 0.0f);
     // Division by 8 is exact as a multiplication: skip the division sequence for full groups.
     r.mean[i] = valid == kGroup ? mul_rn(sum, 1.0f / kGroup) : div_rn(sum, r.n);
-GK_UNROLL
+    GK_UNROLL
     for (int e = 0; e < kGroup; ++e) dev[i][e] = e < valid ? sub_rn(f[i][e], r.mean[i]) : 0.0f;
   }
-GK_UNROLL
+  GK_UNROLL
   for (int i = 0; i < NF; ++i) {
-GK_UNROLL
+    GK_UNROLL
     for (int j = i; j < NF; ++j) {
       float acc = 0.0f;
-GK_UNROLL
+      GK_UNROLL
       for (int e = 0; e < kGroup; ++e) acc = fma_rn(dev[i][e], dev[j][e], acc);
       r.m[pair_index<NF>(i, j)] = acc;
     }
@@ -150,18 +150,18 @@ GK_UNROLL
 template <int NF>
 GK_HD void store_row(float* row, const Moments<NF>& m) {
   float v[kRowFloats];
-GK_UNROLL
+  GK_UNROLL
   for (int k = 0; k < kRowFloats; ++k) v[k] = 0.0f;
   v[0] = m.n;
-GK_UNROLL
+  GK_UNROLL
   for (int i = 0; i < NF; ++i) {
     v[1 + i] = m.mean[i];
-GK_UNROLL
+    GK_UNROLL
     for (int j = i; j < NF; ++j) v[row_index(i, j)] = m.m[pair_index<NF>(i, j)];
   }
 #if defined(__CUDA_ARCH__)
   float4* out = reinterpret_cast<float4*>(row);  // rows are 48 B apart in a 16 B aligned buffer
-GK_UNROLL
+  GK_UNROLL
   for (int q = 0; q < kRowFloats / 4; ++q) out[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
 #else
   for (int k = 0; k < kRowFloats; ++k) row[k] = v[k];
@@ -173,7 +173,7 @@ GK_HD Moments<NF> load_row(const float* row) {
   float v[kRowFloats];
 #if defined(__CUDA_ARCH__)
   const float4* in = reinterpret_cast<const float4*>(row);
-GK_UNROLL
+  GK_UNROLL
   for (int q = 0; q < kRowFloats / 4; ++q) {
     const float4 t = in[q];
     v[4 * q] = t.x;
@@ -186,10 +186,10 @@ GK_UNROLL
 #endif
   Moments<NF> m;
   m.n = v[0];
-GK_UNROLL
+  GK_UNROLL
   for (int i = 0; i < NF; ++i) {
     m.mean[i] = v[1 + i];
-GK_UNROLL
+    GK_UNROLL
     for (int j = i; j < NF; ++j) m.m[pair_index<NF>(i, j)] = v[row_index(i, j)];
   }
   return m;
@@ -206,10 +206,10 @@ template <int NF>
 GK_HD float quadratic(const Moments<NF>& m, const float (&a)[NF]) {
   float diag = 0.0f;
   float off = 0.0f;
-GK_UNROLL
+  GK_UNROLL
   for (int i = 0; i < NF; ++i) {
     diag = fma_rn(mul_rn(a[i], a[i]), m.m[pair_index<NF>(i, i)], diag);
-GK_UNROLL
+    GK_UNROLL
     for (int j = i + 1; j < NF; ++j) off = fma_rn(mul_rn(a[i], a[j]), m.m[pair_index<NF>(i, j)], off);
   }
   const float q = fma_rn(2.0f, off, diag);
@@ -318,7 +318,7 @@ GK_HD void group_offsets(const Geometry& g, int64_t b, int64_t start, int valid,
     return;
   }
   Cursor c = cursor_at(g, start);
-GK_UNROLL
+  GK_UNROLL
   for (int e = 0; e < kGroup; ++e) {
     off[e] = base + c.off;
     if (e + 1 < valid) advance(g, c);
@@ -332,7 +332,7 @@ GK_HD void load_group(Pack<F>& p, const void* x, const int64_t (&off)[kGroup], i
     return;
   }
   p.clear();
-GK_UNROLL
+  GK_UNROLL
   for (int e = 0; e < kGroup; ++e) {
     if (e < valid) p.load_element(e, x, off[e]);
   }
@@ -346,7 +346,7 @@ GK_HD void load_dense(Pack<F>& p, const void* x, int64_t at, int valid, bool vec
     return;
   }
   p.clear();
-GK_UNROLL
+  GK_UNROLL
   for (int e = 0; e < kGroup; ++e) {
     if (e < valid) p.load_element(e, x, at + e);
   }
@@ -358,7 +358,7 @@ GK_HD void store_dense(const Pack<F>& p, void* x, int64_t at, int valid, bool ve
     p.store_vector(static_cast<char*>(x) + at * FmtBits<F>::kBytes);
     return;
   }
-GK_UNROLL
+  GK_UNROLL
   for (int e = 0; e < kGroup; ++e) {
     if (e < valid) p.store_element(e, x, at + e);
   }
@@ -399,7 +399,7 @@ template <Fmt F, bool VEC>
 GK_HD void combine_load(const CombineParams& p, int64_t b, int64_t start, int valid, Pack<F> (&s)[kMaxBranches]) {
   int64_t off[kGroup];
   group_offsets<VEC>(p.geo, b, start, valid, off);
-GK_UNROLL
+  GK_UNROLL
   for (int k = 0; k < kMaxBranches; ++k) {
     if (k < p.nslots) load_group<F, VEC>(s[k], p.x[k], off, valid);
   }
@@ -410,14 +410,14 @@ template <Fmt F>
 GK_HD void combine_values(const CombineParams& p, const Pack<F> (&s)[kMaxBranches], const float (&g)[kMaxTerms],
                           float (&acc)[kGroup]) {
   const Pack<F> base = pick(s, p.base);
-GK_UNROLL
+  GK_UNROLL
   for (int e = 0; e < kGroup; ++e) acc[e] = base.get(e);
-GK_UNROLL
+  GK_UNROLL
   for (int t = 0; t < kMaxTerms; ++t) {
     if (t < p.nterms) {
       const Pack<F> pos = pick(s, p.pos[t]);
       const Pack<F> neg = pick(s, p.neg[t]);
-GK_UNROLL
+      GK_UNROLL
       for (int e = 0; e < kGroup; ++e) acc[e] = add_rn(acc[e], mul_rn(g[t], sub_rn(pos.get(e), neg.get(e))));
     }
   }
@@ -430,7 +430,7 @@ GK_HD Moments<2> combine_group_moments(const CombineParams& p, const Pack<F> (&s
   float f[2][kGroup];
   combine_values<F>(p, s, g, f[1]);
   const Pack<F> ref = pick(s, p.ref);
-GK_UNROLL
+  GK_UNROLL
   for (int e = 0; e < kGroup; ++e) f[0][e] = ref.get(e);
   return group_moments<2>(f, valid);
 }
@@ -442,13 +442,13 @@ GK_HD void combine_store(const CombineParams& p, const Pack<F> (&s)[kMaxBranches
   combine_values<F>(p, s, g, acc);
   Pack<F> out;
   out.clear();
-GK_UNROLL
+  GK_UNROLL
   for (int e = 0; e < kGroup; ++e) out.set(e, do_rescale ? rescaled(acc[e], rs) : acc[e]);
   store_dense<F>(out, p.out, b * p.geo.inner + start, valid, vector);
 }
 
 GK_HD void combine_scales(const CombineParams& p, int64_t b, float (&g)[kMaxTerms]) {
-GK_UNROLL
+  GK_UNROLL
   for (int t = 0; t < kMaxTerms; ++t) g[t] = t < p.nterms ? p.g[t].at(b) : 0.0f;
 }
 
@@ -506,7 +506,7 @@ GK_HD Moments<Projected<KIND, FB>::kFields> projected_group_moments(const Projec
                                                                     const ProjectedGroup<F, FB>& in) {
   constexpr int NF = Projected<KIND, FB>::kFields;
   float f[NF][kGroup];
-GK_UNROLL
+  GK_UNROLL
   for (int e = 0; e < kGroup; ++e) {
     const float c = in.c.get(e);
     const float u = in.u.get(e);
@@ -519,7 +519,7 @@ GK_UNROLL
     // stored (rounded) value, which is what pass 2 reads back.
     Pack<FB> running;
     running.clear();
-GK_UNROLL
+    GK_UNROLL
     for (int e = 0; e < kGroup; ++e) {
       running.set(e, add_rn(f[1][e], mul_rn(p.momentum, in.d.get(e))));
       f[NF - 1][e] = running.get(e);
@@ -557,7 +557,7 @@ GK_HD void projected_store(const ProjectedParams& p, const ProjectedCoef& k, con
                            int64_t b, int64_t start, int valid, bool vector) {
   Pack<F> out;
   out.clear();
-GK_UNROLL
+  GK_UNROLL
   for (int e = 0; e < kGroup; ++e) {
     const float c = in.c.get(e);
     const float u = in.u.get(e);
@@ -624,7 +624,9 @@ GK_HOST Moments<NF> sample_moments_on_host(const float* stats, int64_t b, int64_
   Moments<NF> per_thread[kThreads];
   for (int t = 0; t < kThreads; ++t) {
     per_thread[t] = empty_moments<NF>();
-    for (int64_t r = t; r < parts; r += kThreads) per_thread[t] = merge(per_thread[t], load_row<NF>(rows + r * kRowFloats));
+    for (int64_t r = t; r < parts; r += kThreads) {
+      per_thread[t] = merge(per_thread[t], load_row<NF>(rows + r * kRowFloats));
+    }
   }
   return block_total_on_host<NF>(per_thread);
 }
@@ -635,9 +637,9 @@ template <int NF>
 GK_DEVICE Moments<NF> shfl_down(const Moments<NF>& m, int d) {
   Moments<NF> r;
   r.n = __shfl_down_sync(0xffffffffu, m.n, d);
-GK_UNROLL
+  GK_UNROLL
   for (int i = 0; i < NF; ++i) r.mean[i] = __shfl_down_sync(0xffffffffu, m.mean[i], d);
-GK_UNROLL
+  GK_UNROLL
   for (int k = 0; k < Moments<NF>::kPairs; ++k) r.m[k] = __shfl_down_sync(0xffffffffu, m.m[k], d);
   return r;
 }
@@ -647,12 +649,12 @@ GK_UNROLL
 template <int NF>
 GK_DEVICE Moments<NF> block_total(Moments<NF> m) {
   __shared__ Moments<NF> warp_total[kWarps];
-GK_UNROLL
+  GK_UNROLL
   for (int d = 16; d > 0; d /= 2) m = merge(m, shfl_down(m, d));
   if ((threadIdx.x & 31) == 0) warp_total[threadIdx.x >> 5] = m;
   __syncthreads();
   Moments<NF> total = warp_total[0];
-GK_UNROLL
+  GK_UNROLL
   for (int w = 1; w < kWarps; ++w) total = merge(total, warp_total[w]);
   return total;
 }
@@ -674,7 +676,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineParams p
   float g[kMaxTerms];
   combine_scales(p, ch.b, g);
   Pack<F> s[kMaxBranches];
-GK_UNROLL
+  GK_UNROLL
   for (int k = 0; k < kMaxBranches; ++k) s[k].clear();  // unused slots stay defined
   const int64_t first = first_group(ch, threadIdx.x);
   // The first group's loads are issued before the (latency-bound) merge of the sample's rows.
@@ -700,7 +702,7 @@ __global__ void __launch_bounds__(kThreads) combine_moments_kernel(const Combine
   float g[kMaxTerms];
   combine_scales(p, ch.b, g);
   Pack<F> s[kMaxBranches];
-GK_UNROLL
+  GK_UNROLL
   for (int k = 0; k < kMaxBranches; ++k) s[k].clear();
   Moments<2> m = empty_moments<2>();
   for (int64_t start = first_group(ch, threadIdx.x); start < ch.hi; start += kTile) {
