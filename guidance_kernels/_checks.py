@@ -87,7 +87,8 @@ def scale(fn: str, arg: str, value, batch: int, device: torch.device) -> tuple[f
                       f"got {tuple(value.shape)}")
     if value.device.type == "cpu" and not is_compiling() and not bool(torch.isfinite(value).all()):
         fail(fn, arg, "scale tensor contains NaN or inf")
-    return 0.0, value.reshape(-1).to(torch.float32)
+    # Contiguous: kernels read a per-sample scale at b * stride with stride 1 (or 0 for one value).
+    return 0.0, value.reshape(-1).to(torch.float32).contiguous()
 
 
 def branches(fn: str, arg: str, pred, num_branches: int | None, needed: int,

@@ -169,6 +169,19 @@ def test_channels_last_output_keeps_the_layout(lane, dtype):
     torch.testing.assert_close(to64(buf), ref_buf, rtol=1e-5, atol=1e-5)
 
 
+def test_strided_per_sample_scale_tensors(lane):
+    """A per-sample scale that is itself a strided view (e.g. every other entry of a schedule)."""
+    backend, device = lane
+    u, c, p = _branches(3, (3, 4, 5, 6), torch.float32, device, seed=7)
+    schedule = torch.tensor([1.0, 9.0, 2.0, 9.0, 3.0, 9.0], device=device)
+    g = gk.cfg(schedule[::2]) + gk.pag(schedule[1::2])
+    out = gk.guidance_combine([u, c, p], g, rescale=schedule[::2] / 4, backend=backend)
+    expect = R.guidance_combine([u.cpu(), c.cpu(), p.cpu()], guidance_cpu(g), rescale=schedule[::2].cpu() / 4)
+    torch.testing.assert_close(out.cpu(), expect, rtol=1e-5, atol=1e-5)
+    out = gk.apg_combine([u, c], schedule[::2], backend=backend)
+    torch.testing.assert_close(out.cpu(), R.apg_combine(c.cpu(), u.cpu(), schedule[::2].cpu()), rtol=1e-5, atol=1e-5)
+
+
 def test_stacked_views_and_offsets(lane):
     """A stacked batch taken as a slice of a bigger buffer (offset, batch stride > inner)."""
     backend, device = lane
