@@ -206,11 +206,22 @@ def forced_backend(op: str, argument: str | None = None) -> str | None:
 # --------------------------------------------------------------------------- selection
 
 
+_SELECTED: dict[tuple, str] = {}
+
+
 @torch.compiler.assume_constant_result
 def _select(op: str, device_type: str, device_index: int | None, dtype: torch.dtype, facts: tuple,
             forced: str | None) -> str:
-    # Primitive arguments only: dynamo evaluates this at trace time and bakes in the result.
-    req = Request(device_type, device_index, dtype, facts)
+    # Primitive arguments only: dynamo evaluates this at trace time and bakes in the result. The
+    # answer depends only on them (availability is fixed per process), so eager calls memoise it.
+    key = (op, device_type, device_index, dtype, facts, forced)
+    chosen = _SELECTED.get(key)
+    if chosen is None:
+        chosen = _SELECTED[key] = _choose(op, Request(device_type, device_index, dtype, facts), forced)
+    return chosen
+
+
+def _choose(op: str, req: Request, forced: str | None) -> str:
     if forced is not None:
         reasons = unsupported_reasons(op, forced, req, forced=True)
         if reasons:

@@ -92,8 +92,8 @@ def guidance_combine(pred, guidance: Guidance, *, num_branches: int | None = Non
         rescale_ref = pos[0] if pos else base
     rescale_ref = _checks.branch_index(fn, "rescale_ref", rescale_ref, k)
     chosen = backends.select(fn, preds[0], backend=backend)
-    return _library.guidance_combine(preds, k, base, pos, neg, numbers, tensors, phi, phi_tensor, rescale_ref,
-                                     chosen)
+    return _library.call(_library.guidance_combine, preds, k, base, pos, neg, numbers, tensors, phi, phi_tensor,
+                         rescale_ref, chosen)
 
 
 def _pair(fn: str, pred, cond: int, uncond: int, num_branches: int | None):
@@ -160,10 +160,10 @@ def apg_combine(pred, scale, *, cond: int = 1, uncond: int = 0, num_branches: in
     phi, phi_tensor = _rescale_arg(fn, rescale, batch, device)
     chosen = backends.select(fn, preds[0], backend=backend)
     if momentum_buffer is None:
-        return _library.apg_combine(preds, k, cond, uncond, number, tensor, eta, norm_threshold, formulation, phi,
-                                    phi_tensor, chosen)
-    return _library.apg_combine_momentum(preds, k, cond, uncond, number, tensor, eta, norm_threshold, momentum,
-                                         momentum_buffer, formulation, phi, phi_tensor, chosen)
+        return _library.call(_library.apg_combine, preds, k, cond, uncond, number, tensor, eta, norm_threshold,
+                             formulation, phi, phi_tensor, chosen)
+    return _library.call(_library.apg_combine_momentum, preds, k, cond, uncond, number, tensor, eta, norm_threshold,
+                         momentum, momentum_buffer, formulation, phi, phi_tensor, chosen)
 
 
 def apg_momentum_buffer(pred, *, num_branches: int = 2) -> torch.Tensor:
@@ -196,5 +196,5 @@ def cfg_zero_star_combine(pred, scale, *, cond: int = 1, uncond: int = 0, num_br
     chosen = backends.select(fn, preds[0], backend=backend)
     if zero_init:
         return preds[0].new_zeros((batch, *preds[0].shape[1:]))
-    return _library.cfg_zero_star_combine(preds, k, cond, uncond, number, tensor, bool(original_formulation), phi,
-                                          phi_tensor, chosen)
+    return _library.call(_library.cfg_zero_star_combine, preds, k, cond, uncond, number, tensor,
+                         bool(original_formulation), phi, phi_tensor, chosen)

@@ -43,13 +43,21 @@ def guidance_combine(preds, num_branches, base, pos, neg, scales, scale_tensors,
     branches = split_branches(preds, num_branches)
     like = branches[0]
     dtype = _compute_dtype(like)
+    rescaling = _wants_rescale(rescale, rescale_tensor)
+    out = output_like(like)
     acc = branches[base].to(dtype)
-    for p, n, g, g_tensor in zip(pos, neg, scales, scale_tensors):
-        acc = acc + _scale(g, g_tensor, acc.dim(), dtype) * (branches[p].to(dtype) - branches[n].to(dtype))
-    if _wants_rescale(rescale, rescale_tensor):
+    for i, (p, n, g, g_tensor) in enumerate(zip(pos, neg, scales, scale_tensors)):
+        diff = branches[p].to(dtype) - branches[n].to(dtype)
+        # The last term goes straight into the output when no rescale or dtype change follows.
+        target = out if (i == len(pos) - 1 and not rescaling and out.dtype == dtype) else None
+        if g_tensor is None:
+            acc = torch.add(acc, diff, alpha=g, out=target)
+        else:
+            acc = torch.addcmul(acc, _scale(g, g_tensor, acc.dim(), dtype), diff, out=target)
+    if rescaling:
         phi = _scale(rescale, rescale_tensor, acc.dim(), dtype)
         acc = _rescale(acc, branches[rescale_ref].to(dtype), phi)
-    return _finish(acc, like)
+    return acc if acc is out else out.copy_(acc)
 
 
 def _pair(preds, num_branches, cond, uncond):
