@@ -8,6 +8,16 @@ from . import _library  # noqa: F401  (registers the torch.library ops)
 from ._version import __version__
 from .backends import BackendError, use_backend
 from .combine import apg_combine, apg_momentum_buffer, cfg_zero_star_combine, guidance_combine
+from .sag import (
+    attention_key_mass,
+    attention_mask,
+    global_mask,
+    high_frequency_mask,
+    random_patch_mask,
+    sag_degrade,
+    sag_map_grid,
+    square_patch_mask,
+)
 from .terms import (
     Guidance,
     Term,
@@ -45,4 +55,12 @@ __all__ = [
     "adaptive_pag_scale",
     "icg_random_labels",
     "icg_noise_condition",
+    "attention_key_mass",
+    "sag_degrade",
+    "sag_map_grid",
+    "attention_mask",
+    "global_mask",
+    "random_patch_mask",
+    "square_patch_mask",
+    "high_frequency_mask",
 ]

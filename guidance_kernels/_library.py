@@ -143,3 +143,41 @@ def cfg_zero_star_combine(preds: list[Tensor], num_branches: int, cond: int, unc
 def _(preds, num_branches, cond, uncond, scale, scale_tensor, original_formulation, rescale, rescale_tensor,
       backend):
     return _combine_out(preds, num_branches)
+
+
+# --------------------------------------------------------------------------- attention_key_mass
+
+
+@torch.library.custom_op(f"{NAMESPACE}::attention_key_mass", mutates_args=())
+def attention_key_mass(q: Tensor, k: Tensor, v: Tensor, heads: int, layout: str, scale: float,
+                       items: Optional[list[int]], backend: str) -> tuple[Tensor, Tensor]:
+    """Attention output and per-key attention mass. See guidance_kernels.attention_key_mass."""
+    fn = implementation("attention_key_mass", backend, "attention_key_mass")
+    return fn(q, k, v, heads, layout, scale, items)
+
+
+@attention_key_mass.register_fake
+def _(q, k, v, heads, layout, scale, items, backend):
+    rows = q.shape[0] if items is None else len(items)
+    keys = k.shape[1] if layout == "bnd" else k.shape[2]
+    return q.new_empty(q.shape), q.new_empty((rows, keys), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------- sag_degrade
+
+
+@torch.library.custom_op(f"{NAMESPACE}::sag_degrade", mutates_args=())
+def sag_degrade(x0: Tensor, mask_map: Tensor, thresholded: bool, threshold: float, kernel_size: int, sigma: float,
+                renoise: str, alpha: float, alpha_tensor: Optional[Tensor], other: Optional[Tensor],
+                return_degraded: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """SAG's masked blur + re-noise in one pass. See guidance_kernels.sag_degrade. The second
+    output is the degraded (un-noised) latent when ``return_degraded``, else an empty tensor."""
+    fn = implementation("sag_degrade", backend, "sag_degrade")
+    return fn(x0, mask_map, thresholded, threshold, kernel_size, sigma, renoise, alpha, alpha_tensor, other,
+              return_degraded)
+
+
+@sag_degrade.register_fake
+def _(x0, mask_map, thresholded, threshold, kernel_size, sigma, renoise, alpha, alpha_tensor, other,
+      return_degraded, backend):
+    return output_like(x0), output_like(x0) if return_degraded else x0.new_empty((0,))

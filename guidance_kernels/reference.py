@@ -155,3 +155,112 @@ def gaussian_blur_2d(img: torch.Tensor, kernel_size: int, sigma: float, *, cap_t
     padding = [kernel_size // 2] * 4
     img = torch.nn.functional.pad(img, padding, mode="reflect")
     return torch.nn.functional.conv2d(img, kernel2d, groups=img.shape[-3])
+
+
+# --------------------------------------------------------------------------- SAG (§6)
+
+
+def attention_probs(query: torch.Tensor, key: torch.Tensor, scale: float) -> torch.Tensor:
+    """diffusers' ``Attention.get_attention_scores`` without a mask: ``softmax(scale·q kᵀ)`` on
+    ``(B·heads, N, d)`` × ``(B·heads, M, d)`` → ``(B·heads, N, M)``, all in the input dtype."""
+    baddbmm_input = torch.empty(query.shape[0], query.shape[1], key.shape[1], dtype=query.dtype, device=query.device)
+    scores = torch.baddbmm(baddbmm_input, query, key.transpose(-1, -2), beta=0, alpha=scale)
+    return scores.softmax(dim=-1)
+
+
+def attention_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str = "bhnd",
+                       heads: int | None = None, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output and per-key mass the way diffusers' SAG pipeline gets them: the explicit
+    ``(B·heads, N, M)`` probability map of ``CrossAttnStoreProcessor``, ``bmm`` with V, and
+    ``sag_masking``'s ``probs.reshape(B, heads, N, M).mean(1).sum(1)`` → ``(B, M)``.
+
+    ``layout="bhnd"``: q ``(B, heads, N, d)``, k/v ``(B, heads, M, d)``; ``"bnd"``: q ``(B, N, heads·d)``,
+    k/v ``(B, M, heads·d)`` (diffusers' ``head_to_batch_dim`` order). Everything in the input dtype."""
+    if layout == "bnd":
+        q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+    b, h, n, d = q.shape
+    m = k.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    probs = attention_probs(q.reshape(b * h, n, d), k.reshape(b * h, m, d), scale)
+    out = torch.bmm(probs, v.reshape(b * h, m, d)).reshape(b, h, n, d)
+    mass = probs.reshape(b, h, n, m).mean(1, keepdim=False).sum(1, keepdim=False)
+    if layout == "bnd":
+        out = out.transpose(1, 2).flatten(2)
+    return out, mass
+
+
+def _add_noise(original: torch.Tensor, noise: torch.Tensor, alpha_cumprod) -> torch.Tensor:
+    """diffusers' ``DDIMScheduler.add_noise`` given ᾱ_t (a number or a () / (1,) / (B,) tensor):
+    ᾱ cast to the sample dtype, then ``ᾱ**0.5 · x + (1 − ᾱ)**0.5 · noise``."""
+    if not isinstance(alpha_cumprod, torch.Tensor):
+        alpha_cumprod = torch.tensor([alpha_cumprod], dtype=torch.float32)
+    alphas = alpha_cumprod.to(device=original.device, dtype=original.dtype).reshape(-1)
+    sqrt_alpha_prod = (alphas**0.5).reshape(-1, *([1] * (original.dim() - 1)))
+    sqrt_one_minus_alpha_prod = ((1 - alphas) ** 0.5).reshape(-1, *([1] * (original.dim() - 1)))
+    return sqrt_alpha_prod * original + sqrt_one_minus_alpha_prod * noise
+
+
+def sag_masking(original_latents: torch.Tensor, attn_map: torch.Tensor, map_size, heads: int, alpha_cumprod,
+                eps: torch.Tensor, *, sigma: float = 1.0, kernel_size: int = 9) -> torch.Tensor:
+    """diffusers' ``StableDiffusionSAGPipeline.sag_masking`` line by line (σ and the kernel size made
+    arguments; ᾱ_t given instead of the scheduler and timestep)."""
+    bh, hw1, hw2 = attn_map.shape
+    b, latent_channel, latent_h, latent_w = original_latents.shape
+    attn_map = attn_map.reshape(b, heads, hw1, hw2)
+    attn_mask = attn_map.mean(1, keepdim=False).sum(1, keepdim=False) > 1.0
+    attn_mask = (attn_mask.reshape(b, map_size[0], map_size[1]).unsqueeze(1).repeat(1, latent_channel, 1, 1)
+                 .type(attn_map.dtype))
+    attn_mask = torch.nn.functional.interpolate(attn_mask, (latent_h, latent_w))
+    degraded_latents = gaussian_blur_2d(original_latents, kernel_size, sigma, cap_to_grid=False)
+    degraded_latents = degraded_latents * attn_mask + original_latents * (1 - attn_mask)
+    return _add_noise(degraded_latents, eps, alpha_cumprod)
+
+
+def sag_map_grid_comfy(latent_h: int, latent_w: int, tokens: int) -> tuple[int, int]:
+    """ComfyUI's map grid for a latent that need not be divisible by the attention map:
+    ``ratio = 2**(ceil(sqrt(lh·lw/N)) − 1).bit_length()``, grid ``(ceil(lh/ratio), ceil(lw/ratio))``."""
+    ratio = 2 ** (math.ceil(math.sqrt(latent_h * latent_w / tokens)) - 1).bit_length()
+    return math.ceil(latent_h / ratio), math.ceil(latent_w / ratio)
+
+
+def sag_blur_map_comfy(x0: torch.Tensor, attn: torch.Tensor, x: torch.Tensor, *, sigma: float = 2.0,
+                       threshold: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ComfyUI's ``create_blur_map`` on the uncond attention map ``(B·heads, N, N)``, followed by
+    its k-diffusion re-noise ``degraded + x − x0``. Returns ``(degraded_noised, degraded)``."""
+    _, hw1, hw2 = attn.shape
+    b, _, lh, lw = x0.shape
+    attn = attn.reshape(b, -1, hw1, hw2)
+    mask = attn.mean(1, keepdim=False).sum(1, keepdim=False) > threshold
+    mid_shape = list(sag_map_grid_comfy(lh, lw, hw1))
+    mask = mask.reshape(b, *mid_shape).unsqueeze(1).type(attn.dtype)
+    mask = torch.nn.functional.interpolate(mask, (lh, lw))
+    blurred = gaussian_blur_2d(x0, 9, sigma, cap_to_grid=False)
+    blurred = blurred * mask + x0 * (1 - mask)
+    return blurred + x - x0, blurred
+
+
+def sag_degrade(x0: torch.Tensor, mask_or_mass: torch.Tensor, *, grid=None, threshold: float = 1.0,
+                kernel_size: int = 9, sigma: float = 1.0, eps: torch.Tensor | None = None, alpha_cumprod=None,
+                x_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The SAG degrade step composed from the anchors' operations, in the dtype of ``x0``; the
+    oracle of every ``sag_degrade`` backend. Returns ``(re-noised, degraded)``.
+
+    ``mask_or_mass``: a key mass ``(B|1, N)`` (thresholded ``> threshold`` and laid on ``grid``, by
+    default ComfyUI's rule) or a ready mask ``(B|1, h, w)`` / ``(B|1, 1, h, w)`` of blend weights.
+    Then nearest upsampling to the latent (``F.interpolate``), ``gaussian_blur_2d`` (no cap), the
+    blend ``blurred·mask + x0·(1 − mask)`` and the re-noise: ``add_noise`` with ``eps`` and ᾱ, or
+    ComfyUI's ``degraded + x_t − x0``, or none."""
+    b, c, lh, lw = x0.shape
+    if mask_or_mass.dim() == 2:
+        h, w = grid if grid is not None else sag_map_grid_comfy(lh, lw, mask_or_mass.shape[1])
+        mask = (mask_or_mass > threshold).reshape(-1, 1, h, w).to(x0.dtype)
+    else:
+        mask = mask_or_mass.reshape(mask_or_mass.shape[0], 1, *mask_or_mass.shape[-2:]).to(x0.dtype)
+    mask = torch.nn.functional.interpolate(mask, (lh, lw))
+    blurred = gaussian_blur_2d(x0, kernel_size, sigma, cap_to_grid=False)
+    degraded = blurred * mask + x0 * (1 - mask)
+    if alpha_cumprod is not None:
+        return _add_noise(degraded, eps, alpha_cumprod), degraded
+    if x_t is not None:
+        return degraded + x_t - x0, degraded
+    return degraded, degraded

@@ -1,0 +1,140 @@
+"""Triton kernel of sag_degrade: threshold + nearest map lookup + Gaussian blur + blend + re-noise
+in ONE launch.
+
+One program computes a ``BLOCK_H × BLOCK_W`` tile of one (sample, channel) plane:
+
+* blur: the k×k separable Gaussian as k row sums of k taps each (``Σ_i w_i Σ_j w_j x[ry_i, rx_j]``),
+  fp32, reflect-padded indices (``-i`` below 0, ``2(n−1) − i`` past the end; the public function
+  guarantees ``n > k // 2`` so one reflection suffices). The k² gathers hit L1: each input value is
+  read by k² neighbouring outputs of the same tile.
+* mask: the (B|1, h, w) map at the nearest source cell ``min(floor(y·scale_y), h − 1)`` with the
+  float32 scale of ``F.interpolate(mode="nearest")`` (``_sag_plan.nearest_scale``), thresholded
+  ``> threshold`` for a key mass, used as blend weight for a ready mask.
+* ``degraded = blurred·m + x0·(1 − m)``, then the re-noise (RENOISE 0 none, 1 DDPM with per-sample
+  ᾱ, 2 k-diffusion ``(degraded + x_t) − x0``) and the store in x0's dtype.
+
+Every tensor is addressed through its own (b, c, y, x) strides (int64 offsets), so strided and
+channels-last inputs need no copies. Masked lanes never touch memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _layout
+from .._sag_plan import RENOISE, blur_weights, map_for_kernel, nearest_scale
+
+BLOCK_H = 16
+BLOCK_W = 32
+NUM_WARPS = 4
+
+
+@triton.jit
+def _reflect(i, n):
+    """Reflect-pad index (PyTorch "reflect": the edge is not repeated), clamped into [0, n) so that
+    even lanes outside the tile (masked) compute an in-bounds address."""
+    i = tl.where(i < 0, -i, i)
+    i = tl.where(i >= n, 2 * (n - 1) - i, i)
+    return tl.minimum(tl.maximum(i, 0), n - 1)
+
+
+@triton.jit
+def _nearest(dst, scale, in_size):
+    """ATen's nearest source index: min(floor(float(dst) · scale), in − 1), float32."""
+    src = tl.floor(dst.to(tl.float32) * scale).to(tl.int32)
+    return tl.minimum(src, in_size - 1)
+
+
+@triton.jit
+def _degrade_kernel(out_ptr, deg_ptr, x_ptr, other_ptr, map_ptr, alpha_ptr,
+                    channels, height, width, tiles_w, tiles,
+                    sxb, sxc, sxh, sxw, sob, soc, soh, sow, s2b, s2c, s2h, s2w,
+                    map_h, map_w, smb, smh, smw, scale_y, scale_x, threshold, alpha, alpha_stride, ws, taps,
+                    K: tl.constexpr, THRESHOLDED: tl.constexpr, RENOISE_MODE: tl.constexpr,
+                    ALPHA_TENSOR: tl.constexpr, WRITE_DEGRADED: tl.constexpr,
+                    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    pid = tl.program_id(0)
+    plane = pid // tiles
+    tile = pid % tiles
+    b = (plane // channels).to(tl.int64)
+    c = (plane % channels).to(tl.int64)
+    ys = (tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H)
+    xs = (tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
+    valid = (ys < height)[:, None] & (xs < width)[None, :]
+    x_base = x_ptr + b * sxb + c * sxc
+    R: tl.constexpr = K // 2
+
+    blurred = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
+    # Rows of taps in a runtime loop: unrolling all k² gathers lets the scheduler hoist every load
+    # (255 registers and spills on sm_90); k loads in flight per row are plenty for L1 hits.
+    for i in range(0, taps):
+        w_i = ws[0]
+        for t in tl.static_range(1, K):
+            w_i = tl.where(i == t, ws[t], w_i)
+        row = x_base + _reflect(ys + (i - R), height).to(tl.int64)[:, None] * sxh
+        acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
+        for j in tl.static_range(K):
+            col = _reflect(xs + (j - R), width).to(tl.int64)[None, :] * sxw
+            acc += ws[j] * tl.load(row + col, mask=valid, other=0.0).to(tl.float32)
+        blurred += w_i * acc
+
+    yo = ys.to(tl.int64)[:, None]
+    xo = xs.to(tl.int64)[None, :]
+    x0 = tl.load(x_base + yo * sxh + xo * sxw, mask=valid, other=0.0).to(tl.float32)
+    my = _nearest(ys, scale_y, map_h).to(tl.int64)[:, None]
+    mx = _nearest(xs, scale_x, map_w).to(tl.int64)[None, :]
+    m = tl.load(map_ptr + b * smb + my * smh + mx * smw, mask=valid, other=0).to(tl.float32)
+    if THRESHOLDED:
+        m = tl.where(m > threshold, 1.0, 0.0)
+    degraded = blurred * m + x0 * (1.0 - m)
+
+    o_off = b * sob + c * soc + yo * soh + xo * sow
+    if RENOISE_MODE == 1:
+        if ALPHA_TENSOR:
+            alpha = tl.load(alpha_ptr + b * alpha_stride).to(tl.float32)
+        eps = tl.load(other_ptr + b * s2b + c * s2c + yo * s2h + xo * s2w, mask=valid, other=0.0).to(tl.float32)
+        result = tl.sqrt_rn(alpha) * degraded + tl.sqrt_rn(1.0 - alpha) * eps
+    elif RENOISE_MODE == 2:
+        x_t = tl.load(other_ptr + b * s2b + c * s2c + yo * s2h + xo * s2w, mask=valid, other=0.0).to(tl.float32)
+        result = (degraded + x_t) - x0
+    else:
+        result = degraded
+    tl.store(out_ptr + o_off, result.to(out_ptr.dtype.element_ty), mask=valid)
+    if WRITE_DEGRADED:
+        tl.store(deg_ptr + o_off, degraded.to(deg_ptr.dtype.element_ty), mask=valid)
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def sag_degrade(x0, mask_map, thresholded, threshold, kernel_size, sigma, renoise, alpha, alpha_tensor, other,
+                return_degraded):
+    out = _layout.output_like(x0)
+    degraded = _layout.output_like(x0) if return_degraded else x0.new_empty((0,))
+    batch, channels, height, width = x0.shape
+    if out.numel() == 0:
+        return out, degraded
+    mask_map = map_for_kernel(mask_map)
+    map_b, map_h, map_w = mask_map.shape
+    other_t = other if other is not None else x0
+    alpha_t = alpha_tensor if alpha_tensor is not None else out
+    alpha_stride = 0 if alpha_tensor is None or alpha_tensor.numel() == 1 else 1
+    tiles_w = triton.cdiv(width, BLOCK_W)
+    tiles = triton.cdiv(height, BLOCK_H) * tiles_w
+    with _device_guard(out):
+        _degrade_kernel[(batch * channels * tiles,)](
+            out, degraded if return_degraded else out, x0, other_t, mask_map, alpha_t,
+            channels, height, width, tiles_w, tiles,
+            *x0.stride(), *out.stride(), *other_t.stride(),
+            map_h, map_w, mask_map.stride(0) if map_b > 1 else 0, mask_map.stride(1), mask_map.stride(2),
+            nearest_scale(map_h, height), nearest_scale(map_w, width), float(threshold), float(alpha),
+            alpha_stride, blur_weights(kernel_size, sigma), kernel_size,
+            K=kernel_size, THRESHOLDED=bool(thresholded), RENOISE_MODE=RENOISE[renoise],
+            ALPHA_TENSOR=alpha_tensor is not None, WRITE_DEGRADED=bool(return_degraded),
+            BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, num_warps=NUM_WARPS)
+    return out, degraded
