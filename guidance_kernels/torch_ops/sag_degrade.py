@@ -33,6 +33,8 @@ def _blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
 
 def sag_degrade(x0, mask_map, thresholded, threshold, kernel_size, sigma, renoise, alpha, alpha_tensor, other,
                 return_degraded):
+    if x0.numel() == 0:
+        return output_like(x0), output_like(x0) if return_degraded else x0.new_empty((0,))
     dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
     x = x0.to(dtype)
     batch, _, height, width = x.shape

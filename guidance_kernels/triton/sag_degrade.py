@@ -26,20 +26,25 @@ import triton
 import triton.language as tl
 
 from .. import _layout
+from ..backends import triton_interpreter
 from .._sag_plan import RENOISE, blur_weights, map_for_kernel, nearest_scale
 
-BLOCK_H = 16
+BLOCK_H = 8
 BLOCK_W = 32
 NUM_WARPS = 4
+# The interpreter (TRITON_INTERPRET=1, tests only) costs ~50 ms per program whatever the tile size:
+# it gets bigger tiles so that test latents take a few programs. Same kernel, other constexprs.
+INTERPRETER_BLOCK_H = 32
+INTERPRETER_BLOCK_W = 64
 
 
 @triton.jit
 def _reflect(i, n):
-    """Reflect-pad index (PyTorch "reflect": the edge is not repeated), clamped into [0, n) so that
-    even lanes outside the tile (masked) compute an in-bounds address."""
-    i = tl.where(i < 0, -i, i)
-    i = tl.where(i >= n, 2 * (n - 1) - i, i)
-    return tl.minimum(tl.maximum(i, 0), n - 1)
+    """Reflect-pad index (PyTorch "reflect": the edge is not repeated), valid for −n < i < 2n − 1,
+    which covers every tap of every in-image output (n > k // 2). Lanes outside the image compute
+    garbage indices but are masked: they never touch memory."""
+    i = tl.abs(i)
+    return tl.where(i >= n, 2 * n - 2 - i, i)
 
 
 @triton.jit
@@ -53,8 +58,8 @@ def _nearest(dst, scale, in_size):
 def _degrade_kernel(out_ptr, deg_ptr, x_ptr, other_ptr, map_ptr, alpha_ptr,
                     channels, height, width, tiles_w, tiles,
                     sxb, sxc, sxh, sxw, sob, soc, soh, sow, s2b, s2c, s2h, s2w,
-                    map_h, map_w, smb, smh, smw, scale_y, scale_x, threshold, alpha, alpha_stride, ws, taps,
-                    K: tl.constexpr, THRESHOLDED: tl.constexpr, RENOISE_MODE: tl.constexpr,
+                    map_h, map_w, smb, smh, smw, scale_y, scale_x, threshold, alpha, alpha_stride, ws,
+                    K: tl.constexpr, KP: tl.constexpr, THRESHOLDED: tl.constexpr, RENOISE_MODE: tl.constexpr,
                     ALPHA_TENSOR: tl.constexpr, WRITE_DEGRADED: tl.constexpr,
                     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
     pid = tl.program_id(0)
@@ -68,19 +73,22 @@ def _degrade_kernel(out_ptr, deg_ptr, x_ptr, other_ptr, map_ptr, alpha_ptr,
     x_base = x_ptr + b * sxb + c * sxc
     R: tl.constexpr = K // 2
 
+    # Separable blur over a (rows, cols, taps) block: per row of taps i, one gather of the KP
+    # horizontal taps of every output (the column offsets, reflected once, are reused by every
+    # row), reduced along the taps with the weight vector, then weighted by w_i. Taps k >= K are
+    # masked and weigh 0.
+    taps = tl.arange(0, KP)
+    w = tl.zeros([KP], dtype=tl.float32)
+    for t in tl.static_range(K):
+        w = tl.where(taps == t, ws[t], w)
+    col_off = _reflect(xs[:, None] + (taps[None, :] - R), width).to(tl.int64) * sxw
+    tap_mask = valid[:, :, None] & (taps < K)[None, None, :]
     blurred = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
-    # Rows of taps in a runtime loop: unrolling all k² gathers lets the scheduler hoist every load
-    # (255 registers and spills on sm_90); k loads in flight per row are plenty for L1 hits.
-    for i in range(0, taps):
-        w_i = ws[0]
-        for t in tl.static_range(1, K):
-            w_i = tl.where(i == t, ws[t], w_i)
-        row = x_base + _reflect(ys + (i - R), height).to(tl.int64)[:, None] * sxh
-        acc = tl.zeros([BLOCK_H, BLOCK_W], dtype=tl.float32)
-        for j in tl.static_range(K):
-            col = _reflect(xs + (j - R), width).to(tl.int64)[None, :] * sxw
-            acc += ws[j] * tl.load(row + col, mask=valid, other=0.0).to(tl.float32)
-        blurred += w_i * acc
+    for i in range(0, K):
+        w_i = tl.sum(tl.where(taps == i, w, 0.0), axis=0)
+        row_off = _reflect(ys + (i - R), height).to(tl.int64) * sxh
+        vals = tl.load(x_base + row_off[:, None, None] + col_off[None, :, :], mask=tap_mask, other=0.0)
+        blurred += w_i * tl.sum(vals.to(tl.float32) * w[None, None, :], axis=2)
 
     yo = ys.to(tl.int64)[:, None]
     xo = xs.to(tl.int64)[None, :]
@@ -123,9 +131,10 @@ def sag_degrade(x0, mask_map, thresholded, threshold, kernel_size, sigma, renois
     map_b, map_h, map_w = mask_map.shape
     other_t = other if other is not None else x0
     alpha_t = alpha_tensor if alpha_tensor is not None else out
-    alpha_stride = 0 if alpha_tensor is None or alpha_tensor.numel() == 1 else 1
-    tiles_w = triton.cdiv(width, BLOCK_W)
-    tiles = triton.cdiv(height, BLOCK_H) * tiles_w
+    alpha_stride = 0 if alpha_tensor is None or alpha_tensor.numel() == 1 else alpha_tensor.stride(0)
+    block_h, block_w = (INTERPRETER_BLOCK_H, INTERPRETER_BLOCK_W) if triton_interpreter() else (BLOCK_H, BLOCK_W)
+    tiles_w = triton.cdiv(width, block_w)
+    tiles = triton.cdiv(height, block_h) * tiles_w
     with _device_guard(out):
         _degrade_kernel[(batch * channels * tiles,)](
             out, degraded if return_degraded else out, x0, other_t, mask_map, alpha_t,
@@ -133,8 +142,8 @@ def sag_degrade(x0, mask_map, thresholded, threshold, kernel_size, sigma, renois
             *x0.stride(), *out.stride(), *other_t.stride(),
             map_h, map_w, mask_map.stride(0) if map_b > 1 else 0, mask_map.stride(1), mask_map.stride(2),
             nearest_scale(map_h, height), nearest_scale(map_w, width), float(threshold), float(alpha),
-            alpha_stride, blur_weights(kernel_size, sigma), kernel_size,
-            K=kernel_size, THRESHOLDED=bool(thresholded), RENOISE_MODE=RENOISE[renoise],
+            alpha_stride, blur_weights(kernel_size, sigma),
+            K=kernel_size, KP=triton.next_power_of_2(kernel_size), THRESHOLDED=bool(thresholded), RENOISE_MODE=RENOISE[renoise],
             ALPHA_TENSOR=alpha_tensor is not None, WRITE_DEGRADED=bool(return_degraded),
-            BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W, num_warps=NUM_WARPS)
+            BLOCK_H=block_h, BLOCK_W=block_w, num_warps=NUM_WARPS)
     return out, degraded

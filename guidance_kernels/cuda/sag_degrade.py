@@ -1,0 +1,21 @@
+"""CUDA backend of sag_degrade: allocates the outputs (laid out like x0) and calls
+``guidance_kernels._C.sag_degrade`` (csrc/sag_degrade.cu → csrc/include/guidance_kernels/sag_degrade.cuh).
+
+The launcher takes the float32 blur weights of ``reference.gaussian_kernel_1d`` and indexes the map
+with ATen's nearest rule itself; see the header for the formula and the work split.
+"""
+
+from __future__ import annotations
+
+from .. import _extension, _layout
+from .._sag_plan import RENOISE, blur_weights, map_for_kernel
+
+
+def sag_degrade(x0, mask_map, thresholded, threshold, kernel_size, sigma, renoise, alpha, alpha_tensor, other,
+                return_degraded):
+    ext = _extension.load()
+    out = _layout.output_like(x0)
+    degraded = _layout.output_like(x0) if return_degraded else None
+    ext.sag_degrade(out, degraded, x0, map_for_kernel(mask_map), bool(thresholded), float(threshold),
+                    list(blur_weights(kernel_size, sigma)), RENOISE[renoise], other, alpha_tensor, float(alpha))
+    return out, degraded if degraded is not None else x0.new_empty((0,))
