@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from . import _checks, _library, backends
+from . import _checks, _extension, _library, backends
 from ._sag_plan import MAX_KERNEL_SIZE
 from .reference import sag_map_grid_comfy
 
@@ -44,8 +44,15 @@ def _attention_triton_reasons(req: backends.Request) -> list[str]:
     return []
 
 
+def _degrade_cuda_reasons(req: backends.Request) -> list[str]:
+    module = _extension.load()
+    if module is not None and not hasattr(module, "sag_degrade"):
+        return ["_C was built without sag_degrade (csrc/_C.cpp must call register_sag_degrade)"]
+    return []
+
+
 backends.register_op("attention_key_mass", ("triton", "torch"), triton=_attention_triton_reasons)
-backends.register_op("sag_degrade", ("cuda", "triton", "torch"))
+backends.register_op("sag_degrade", ("cuda", "triton", "torch"), cuda=_degrade_cuda_reasons)
 
 
 # --------------------------------------------------------------------------- small checks

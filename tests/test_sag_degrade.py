@@ -24,7 +24,7 @@ import guidance_kernels as gk
 from conftest import HAS_CUDA, LANES, lane_id
 from guidance_kernels import _sag_plan
 from guidance_kernels import reference as R
-from helpers import DTYPES, assert_close_to_truth, make_strided, max_err, needs, to64
+from helpers import DTYPES, EPS, assert_close_to_truth, make_strided, needs, to64
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -228,7 +228,10 @@ def test_ready_masks_broadcast_and_layouts(lane, dtype):
     out = gk.sag_degrade(cl, soft.to(device), x_t=eps.to(device), backend=backend)
     assert out.is_contiguous(memory_format=torch.channels_last)
     contiguous = gk.sag_degrade(x0.to(device), soft.to(device), x_t=eps.to(device), backend=backend)
-    assert torch.equal(out, contiguous)  # the layout changes addressing only
+    if backend == "torch":  # conv2d may pick another algorithm for channels-last input
+        torch.testing.assert_close(out, contiguous, rtol=4 * EPS[dtype], atol=4 * EPS[dtype])
+    else:  # the kernels: the layout changes addressing only
+        assert torch.equal(out, contiguous)
 
 
 def test_kernel_sizes_sigma_and_minimum_sizes(lane):

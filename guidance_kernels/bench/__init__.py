@@ -15,7 +15,7 @@ import torch
 
 from . import harness
 
-FAMILIES = ["guidance_combine", "diffusers"]
+FAMILIES = ["guidance_combine", "sag", "diffusers"]
 
 
 def collect(device: torch.device, quick: bool, ops: list[str] | None = None) -> list[harness.Case]:
