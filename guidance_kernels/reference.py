@@ -241,9 +241,10 @@ def sag_blur_map_comfy(x0: torch.Tensor, attn: torch.Tensor, x: torch.Tensor, *,
 
 def sag_degrade(x0: torch.Tensor, mask_or_mass: torch.Tensor, *, grid=None, threshold: float = 1.0,
                 kernel_size: int = 9, sigma: float = 1.0, eps: torch.Tensor | None = None, alpha_cumprod=None,
-                x_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                x_t: torch.Tensor | None = None, return_degraded: bool = False):
     """The SAG degrade step composed from the anchors' operations, in the dtype of ``x0``; the
-    oracle of every ``sag_degrade`` backend. Returns ``(re-noised, degraded)``.
+    oracle of every ``sag_degrade`` backend, with the same call signature. Returns the re-noised
+    latent, or ``(re-noised, degraded)`` with ``return_degraded``.
 
     ``mask_or_mass``: a key mass ``(B|1, N)`` (thresholded ``> threshold`` and laid on ``grid``, by
     default ComfyUI's rule) or a ready mask ``(B|1, h, w)`` / ``(B|1, 1, h, w)`` of blend weights.
@@ -260,7 +261,9 @@ def sag_degrade(x0: torch.Tensor, mask_or_mass: torch.Tensor, *, grid=None, thre
     blurred = gaussian_blur_2d(x0, kernel_size, sigma, cap_to_grid=False)
     degraded = blurred * mask + x0 * (1 - mask)
     if alpha_cumprod is not None:
-        return _add_noise(degraded, eps, alpha_cumprod), degraded
-    if x_t is not None:
-        return degraded + x_t - x0, degraded
-    return degraded, degraded
+        noised = _add_noise(degraded, eps, alpha_cumprod)
+    elif x_t is not None:
+        noised = degraded + x_t - x0
+    else:
+        noised = degraded
+    return (noised, degraded) if return_degraded else noised

@@ -110,10 +110,10 @@ def test_reference_sag_degrade_composes_the_anchors():
     mass = probs.reshape(2, 2, 117, 117).mean(1).sum(1)
     x0, eps, x_t = (_randn((2, 4, 65, 97), s) for s in (4, 5, 6))
     want = R.sag_masking(x0, probs, (9, 13), 2, torch.tensor([0.3, 0.6]), eps, sigma=1.0)
-    got, _ = R.sag_degrade(x0, mass, grid=(9, 13), eps=eps, alpha_cumprod=torch.tensor([0.3, 0.6]))
+    got = R.sag_degrade(x0, mass, grid=(9, 13), eps=eps, alpha_cumprod=torch.tensor([0.3, 0.6]))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     want_noised, want_degraded = R.sag_blur_map_comfy(x0, probs, x_t, sigma=2.0)
-    got_noised, got_degraded = R.sag_degrade(x0, mass, sigma=2.0, x_t=x_t)
+    got_noised, got_degraded = R.sag_degrade(x0, mass, sigma=2.0, x_t=x_t, return_degraded=True)
     torch.testing.assert_close(got_noised, want_noised, rtol=0, atol=0)
     torch.testing.assert_close(got_degraded, want_degraded, rtol=0, atol=0)
 
@@ -179,8 +179,8 @@ def _compare(backend, device, x0, mask_or_mass, *, factor=2.0, **kw):
     out, degraded = gk.sag_degrade(x0.to(device), mask_or_mass.to(device), return_degraded=True, backend=backend,
                                    **dev)
     truth = R.sag_degrade(to64(x0), to64(mask_or_mass) if mask_or_mass.is_floating_point() else mask_or_mass,
-                          **{k: to64(v) for k, v in kw.items()})
-    lowp = R.sag_degrade(x0, mask_or_mass, **kw)
+                          return_degraded=True, **{k: to64(v) for k, v in kw.items()})
+    lowp = R.sag_degrade(x0, mask_or_mass, return_degraded=True, **kw)
     what = f"{backend} {x0.dtype} {tuple(x0.shape)} {sorted(kw)}"
     assert_close_to_truth(out, lowp[0], truth[0], factor=factor, what=what)
     assert_close_to_truth(degraded, lowp[1], truth[1], factor=factor, what=what + " degraded")
@@ -249,7 +249,7 @@ def test_nan_propagates_like_the_reference(lane):
     x0[0, 1, 7, 3] = float("nan")
     mask = (torch.arange(16 * 16).reshape(1, 16, 16) % 3 == 0)
     out = gk.sag_degrade(x0.to(device), mask.to(device), backend=backend)
-    want, _ = R.sag_degrade(x0, mask)
+    want = R.sag_degrade(x0, mask)
     assert torch.equal(torch.isnan(out.cpu()), torch.isnan(want))
     finite = ~torch.isnan(want)
     torch.testing.assert_close(out.cpu()[finite], want[finite], rtol=1e-5, atol=1e-5)
@@ -273,7 +273,7 @@ def test_large_offsets_use_int64(lane):
     x0.copy_(values.to(device))
     mask = torch.tensor([[[True, False], [False, True]]], device=device)
     out = gk.sag_degrade(x0, mask, kernel_size=5, backend=backend)
-    want, _ = R.sag_degrade(values.double(), mask.cpu(), kernel_size=5)
+    want = R.sag_degrade(values.double(), mask.cpu(), kernel_size=5)
     torch.testing.assert_close(out.cpu().double(), want, rtol=2e-3, atol=2e-3)
 
 
@@ -308,7 +308,7 @@ def test_providers_feed_the_same_kernel(lane):
     for name, mask in masks.items():
         assert mask.dtype == torch.float32 and mask.dim() == 4 and mask.shape[1] == 1, name
         out = gk.sag_degrade(x0.to(device), mask.to(device), eps=eps.to(device), alpha_cumprod=0.4, backend=backend)
-        want, _ = R.sag_degrade(x0, mask, eps=eps, alpha_cumprod=0.4)
+        want = R.sag_degrade(x0, mask, eps=eps, alpha_cumprod=0.4)
         torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-5, msg=name)
     blur_all = gk.sag_degrade(x0.to(device), masks["global"].to(device), backend=backend)
     torch.testing.assert_close(blur_all.cpu(), R.gaussian_blur_2d(x0, 9, 1.0, cap_to_grid=False), rtol=1e-5,

@@ -82,7 +82,7 @@ def _degrade_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
         alpha = torch.full((shape[0],), 0.5, device=device)
 
         def ref(x0=x0, mass=mass, eps=eps, alpha=alpha, grid=grid):
-            return reference.sag_degrade(x0, mass, grid=grid, eps=eps, alpha_cumprod=alpha)[0]
+            return reference.sag_degrade(x0, mass, grid=grid, eps=eps, alpha_cumprod=alpha)
 
         providers = [Provider("eager reference", ref),
                      Provider("torch.compile(reference)", torch.compile(ref, fullgraph=True, dynamic=False))]
