@@ -3,10 +3,13 @@ in ONE launch.
 
 One program computes a ``BLOCK_H × BLOCK_W`` tile of one (sample, channel) plane:
 
-* blur: the k×k separable Gaussian as k row sums of k taps each (``Σ_i w_i Σ_j w_j x[ry_i, rx_j]``),
-  fp32, reflect-padded indices (``-i`` below 0, ``2(n−1) − i`` past the end; the public function
-  guarantees ``n > k // 2`` so one reflection suffices). The k² gathers hit L1: each input value is
-  read by k² neighbouring outputs of the same tile.
+* blur: the k×k separable Gaussian ``Σ_i w_i Σ_j w_j x[ry_i, rx_j]`` in fp32, with reflect-padded
+  indices (``|i|`` below 0, ``2(n−1) − i`` past the end; the public function guarantees
+  ``n > k // 2`` so one reflection suffices). A runtime loop over the k rows of taps gathers a
+  (rows, cols, taps) block per row — the reflected column offsets are computed once — and reduces
+  it along the taps with the weight vector. The gathers hit L1: each input value is read by the k²
+  neighbouring outputs of the same tile. (Unrolling all k² taps instead made ptxas hoist every
+  load: 255 registers and spills on sm_90.)
 * mask: the (B|1, h, w) map at the nearest source cell ``min(floor(y·scale_y), h − 1)`` with the
   float32 scale of ``F.interpolate(mode="nearest")`` (``_sag_plan.nearest_scale``), thresholded
   ``> threshold`` for a key mass, used as blend weight for a ready mask.
