@@ -70,6 +70,18 @@ def test_triton_kernels_do_not_spill(aot_records):
     assert all("reg" in r for r in aot_records), "resource usage could not be read from the cubins"
 
 
+# Shared memory one block may request: sm_86/sm_89 (in the default arch list) allow 99 KiB, sm_90 227 KiB.
+SHARED_LIMITS = {"sm_80": 101376, "sm_90": 232448}
+
+
+def test_triton_kernels_fit_shared_memory(aot_records):
+    """A kernel needing more shared memory than the GPU allows compiles fine and fails at launch
+    (OutOfResources); the sm_80 build stands in for sm_86/sm_89, which allow the least."""
+    assert all(isinstance(r.get("shared"), int) for r in aot_records), "shared memory could not be read"
+    over = [r for r in aot_records if r["shared"] > SHARED_LIMITS[r["target"]]]
+    assert not over, "\n".join(f"{r['case']} {r['kernel']} {r['target']}: {r['shared']} B" for r in over)
+
+
 def test_contiguous_combine_uses_128_bit_loads(aot_records):
     """The fast path must vectorise: a contiguous bf16 combine reads each branch with ld.global.v4."""
     rows = [r for r in aot_records if r["case"].endswith("combine-torch.bfloat16-contiguous")

@@ -82,11 +82,14 @@ def _resource_usage(cubin: bytes | None) -> dict:
         f.flush()
         out = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True)
     usage = {}
+    names = {"REG": "reg", "STACK": "stack", "LOCAL": "local", "SHARED": "static_shared"}
     for token in out.stdout.replace(",", " ").split():
         if ":" in token:
             key, _, value = token.partition(":")
-            if key in ("REG", "STACK", "SHARED", "LOCAL") and value.isdigit():
-                usage[key.lower()] = int(value)
+            if key in names and value.isdigit():
+                # SHARED is the cubin's static shared memory only; "shared" (from Triton's
+                # metadata) is what the launch requests, pipelining buffers included.
+                usage[names[key]] = int(value)
     return usage
 
 

@@ -36,15 +36,16 @@ MASS_BLOCK = 256
 
 
 def config(head_dim: int, dtype: torch.dtype) -> dict:
-    """Tile sizes per padded head dim (chosen to stay spill-free on sm_80/sm_90, see tests/aot_sag.py)."""
+    """Tile sizes per padded head dim: spill-free on sm_80/sm_90 and within the 99 KiB of shared
+    memory of sm_86/sm_89 (tests/aot_sag.py, tests/test_compile_lanes.py)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype == torch.float32:  # FMA dots (no tensor cores): smaller tiles
         if block_d <= 64:
             cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)
         elif block_d <= 128:
             cfg = dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
-        else:
-            cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=2)
+        else:  # one stage: two would need 100 KiB of shared memory (sm_86/sm_89 allow 99 KiB)
+            cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=8, num_stages=1)
     elif block_d <= 128:
         cfg = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     else:
