@@ -10,6 +10,7 @@
 namespace guidance_kernels {
 std::vector<std::string> compiled_archs();  // csrc/archs.cu
 void register_guidance_combine(pybind11::module_& m);
+void register_sag_degrade(pybind11::module_& m);
 }  // namespace guidance_kernels
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -17,4 +18,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_archs", &guidance_kernels::compiled_archs,
         "Compute capabilities this build carries code for, e.g. ['8.0', '9.0'] (9.0 also for sm_90a)");
   guidance_kernels::register_guidance_combine(m);
+  guidance_kernels::register_sag_degrade(m);
 }

@@ -1,19 +1,12 @@
 """sag_degrade: the reference against diffusers' sag_masking (called directly) and ComfyUI's rule;
 every backend against diffusers (fp32 tight, fp16/bf16 close), ComfyUI's non-divisible latents and
 the float64 truth over masks, re-noise modes, layouts, kernel sizes and odd shapes; the mask
-providers; bad input; opcheck; torch.compile; the CUDA kernel header compiled with nvcc (sm_80,
-sm_90a, no spills), its index math on the host, and its launcher against torch's CUDA headers."""
+providers; bad input; opcheck; torch.compile. The CUDA kernel's compile lanes are
+tests/nvcc/sag_degrade_kernels.cu and csrc/sag_degrade*.{cu,cpp} (tests/test_compile_lanes.py);
+its arithmetic runs on the CPU in tests/test_sag_degrade_host.py."""
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import subprocess
-import sys
-import sysconfig
-import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -24,10 +17,7 @@ import guidance_kernels as gk
 from conftest import HAS_CUDA, LANES, lane_id
 from guidance_kernels import _sag_plan
 from guidance_kernels import reference as R
-from helpers import DTYPES, EPS, assert_close_to_truth, make_strided, needs, to64
-
-ROOT = Path(__file__).resolve().parents[1]
-
+from helpers import DTYPES, EPS, assert_close_to_truth, make_strided, to64
 
 def _interpreted(lane) -> bool:
     """The Triton interpreter runs ~50 ms per program: its lane uses the small cases (GPU lanes all)."""
@@ -435,104 +425,3 @@ def test_compile_fullgraph_no_recompile_when_alpha_changes():
         torch.testing.assert_close(compiled(x0, mass, eps, alpha),
                                    gk.sag_degrade(x0, mass, grid=(3, 4), eps=eps, alpha_cumprod=alpha))
     assert counter_floats.frame_count <= 2
-
-
-# --------------------------------------------------------------------------- CUDA kernel (compile-only lanes)
-
-HEADER_DIR = ROOT / "csrc" / "include"
-MAP_TYPES = ("float", "__half", "__nv_bfloat16", "uint8_t")
-ELEMENT_TYPES = ("float", "__half", "__nv_bfloat16")
-
-
-def test_cuda_header_compiles_for_sm80_and_sm90a_without_spills(tmp_path):
-    needs(shutil.which("nvcc") is not None, "nvcc is not on PATH")
-    kernels = ", ".join(f"(void*)&sag_degrade_kernel<{t}, {m}>" for t in ELEMENT_TYPES for m in MAP_TYPES)
-    source = tmp_path / "instantiate.cu"
-    source.write_text('#include "guidance_kernels/sag_degrade.cuh"\n'
-                      "using namespace guidance_kernels::sag;\n"
-                      f"void* kernels[] = {{{kernels}}};\n")
-    proc = subprocess.run(["nvcc", "-c", str(source), "-o", str(tmp_path / "x.o"), "-std=c++17", "-O3",
-                           f"-I{HEADER_DIR}", "-gencode", "arch=compute_80,code=sm_80", "-gencode",
-                           "arch=compute_90a,code=sm_90a", "-Xptxas", "-v"], capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    entries = re.findall(r"Compiling entry function '(\w+)' for '(sm_\w+)'", proc.stderr)
-    assert len(entries) == 2 * len(ELEMENT_TYPES) * len(MAP_TYPES), proc.stderr[-2000:]
-    assert {arch for _, arch in entries} == {"sm_80", "sm_90a"}
-    usage = re.findall(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", proc.stderr)
-    assert len(usage) == len(entries)
-    assert all(v == ("0", "0", "0") for v in usage), proc.stderr[-4000:]
-
-
-_INDEX_PROBE = textwrap.dedent("""
-    #include <cstdio>
-    #include "guidance_kernels/sag_degrade.cuh"
-    using namespace guidance_kernels::sag;
-    int main() {
-      for (int n = 5; n <= 40; ++n)
-        for (int i = -7; i < n + 7; ++i) std::printf("r %d %d %lld\\n", n, i, (long long)reflect_index(i, n));
-      for (int in = 1; in <= 40; ++in)
-        for (int out = 1; out <= 80; ++out)
-          for (int d = 0; d < out; ++d)
-            std::printf("n %d %d %lld\\n", in, out, (long long)nearest_source_index(d, in, out));
-      std::printf("t %lld %lld %lld\\n", (long long)tiles_along(1, 32), (long long)tiles_along(32, 32),
-                  (long long)tiles_along(33, 32));
-      return 0;
-    }
-""")
-
-
-def test_cuda_index_math_on_the_host(tmp_path):
-    """The kernel's __host__ __device__ index math, compiled for the host: reflect indices equal
-    F.pad(mode="reflect") within one reflection, nearest indices equal F.interpolate."""
-    compiler = shutil.which("g++") or shutil.which("c++")
-    needs(compiler is not None, "no host C++ compiler")
-    source = tmp_path / "probe.cpp"
-    source.write_text(_INDEX_PROBE)
-    exe = tmp_path / "probe"
-    build = subprocess.run([compiler, "-std=c++17", "-O1", f"-I{HEADER_DIR}", str(source), "-o", str(exe)],
-                           capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr[-3000:]
-    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True, timeout=60).stdout.split("\n")
-    reflect, nearest = {}, {}
-    for line in filter(None, lines):
-        kind, *vals = line.split()
-        vals = [int(v) for v in vals]
-        if kind == "r":
-            reflect[(vals[0], vals[1])] = vals[2]
-        elif kind == "n":
-            nearest.setdefault((vals[0], vals[1]), []).append(vals[2])
-        else:
-            assert vals == [1, 1, 2]
-    for n in range(5, 41):
-        padded = F.pad(torch.arange(n, dtype=torch.float32).view(1, 1, n), (n - 1, n - 1), mode="reflect").view(-1)
-        for i in range(-7, n + 7):
-            if -(n - 1) <= i <= 2 * (n - 1):  # one reflection: PyTorch's reflect padding
-                assert reflect[(n, i)] == int(padded[i + n - 1]), (n, i)
-            else:  # never used for an in-image output; must still be a valid index
-                assert 0 <= reflect[(n, i)] < n, (n, i)
-    for (in_size, out_size), got in nearest.items():
-        src = torch.arange(in_size, dtype=torch.float32).view(1, 1, 1, -1)
-        want = F.interpolate(src, (1, out_size), mode="nearest").view(-1).long().tolist()
-        assert got == want, (in_size, out_size)
-
-
-def test_cuda_launcher_compiles_against_torch_cuda_headers(tmp_path):
-    """csrc/sag_degrade.cu against the CUDA build of torch's headers (GK_TORCH_CUDA_INCLUDE, set by
-    .ci/run); it must define register_sag_degrade(pybind11::module_&) for csrc/_C.cpp."""
-    include = os.environ.get("GK_TORCH_CUDA_INCLUDE")
-    needs(shutil.which("nvcc") is not None, "nvcc is not on PATH")
-    needs(bool(include) and Path(include, "c10", "cuda", "CUDAStream.h").exists(),
-          "GK_TORCH_CUDA_INCLUDE does not point at a CUDA torch's include dir")
-    obj = tmp_path / "sag_degrade.o"
-    proc = subprocess.run(["nvcc", "-c", str(ROOT / "csrc" / "sag_degrade.cu"), "-o", str(obj), "-std=c++17", "-O3",
-                           "-gencode", "arch=compute_90a,code=sm_90a", f"-I{include}",
-                           f"-I{include}/torch/csrc/api/include", f"-I{sysconfig.get_paths()['include']}",
-                           f"-I{HEADER_DIR}", "-D_GLIBCXX_USE_CXX11_ABI=1", "-DTORCH_EXTENSION_NAME=_C",
-                           "-DTORCH_API_INCLUDE_EXTENSION_H", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC"],
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    nm = shutil.which("nm")
-    if nm:
-        symbols = subprocess.run([nm, "-C", str(obj)], capture_output=True, text=True).stdout
-        assert "T register_sag_degrade(pybind11::module_&)" in symbols

@@ -23,7 +23,6 @@ All offsets are int64; every load/store is masked.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import triton
