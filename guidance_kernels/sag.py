@@ -169,7 +169,7 @@ def attention_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lay
         if bad:
             _checks.fail(fn, "items", f"batch index {bad[0]} out of range for batch size {batch}")
     chosen = backends.select(fn, q, (("head_dim", head_dim),), backend)
-    return _library.attention_key_mass(q, k, v, heads, layout, float(scale), items, chosen)
+    return _library.call(_library.attention_key_mass, q, k, v, heads, layout, float(scale), items, chosen)
 
 
 # --------------------------------------------------------------------------- sag_degrade
@@ -311,8 +311,8 @@ def sag_degrade(x0: torch.Tensor, mask_or_mass: torch.Tensor, *, grid: tuple[int
         other, renoise = _like(fn, "eps", eps, x0, "x0"), "ddpm"
         alpha, alpha_tensor = _alpha(fn, alpha_cumprod, x0.shape[0], x0.device)
     chosen = backends.select(fn, x0, backend=backend)
-    out, degraded = _library.sag_degrade(x0, mask_map, thresholded, float(threshold), kernel_size, float(sigma),
-                                         renoise, float(alpha), alpha_tensor, other, return_degraded, chosen)
+    out, degraded = _library.call(_library.sag_degrade, x0, mask_map, thresholded, float(threshold), kernel_size,
+                                  float(sigma), renoise, float(alpha), alpha_tensor, other, return_degraded, chosen)
     return (out, degraded) if return_degraded else out
 
 
