@@ -109,7 +109,9 @@ def attention_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lay
         heads: number of heads; required for ``"bnd"`` (must divide the last dim).
         scale: softmax scale, default ``d ** -0.5``.
         items: batch indices (Python ints) whose mass is wanted, e.g. ``range(B // 2)`` for the
-            uncond half of a CFG batch; default all. ``out`` is computed for every item.
+            uncond half of a CFG batch; default all. ``out`` is computed for every item. Indices
+            in arithmetic progression (any ``range``) reach the Triton kernels as two integers;
+            others as a small index tensor (a host→device copy: not CUDA-graph capturable).
         backend: ``"triton"`` (CUDA; head dims ≤ 256), ``"torch"`` (any device, chunked over
             queries: never more than ~2M scores per sample at once) or None/``"auto"``.
 
