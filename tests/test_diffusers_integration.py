@@ -328,3 +328,88 @@ def test_compiled_unet_with_processors_has_no_graph_breaks_and_compiles_once():
         got = den(sample, t, **kwargs)
         torch.testing.assert_close(got, eager(sample, t, **kwargs), **TIGHT)
     assert counter.frame_count == 1, counter.frame_count  # the model traced once; scales are tensors
+
+
+# --------------------------------------------------------------------------- SAG vs diffusers' SAG pipeline
+
+
+def _sag_pipeline(unet, scheduler):
+    from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag import (
+        StableDiffusionSAGPipeline)
+
+    return StableDiffusionSAGPipeline(vae=None, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
+                                      safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+@pytest.mark.parametrize("cfg", [True, False])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_guided_denoiser_sag_matches_diffusers_sag_pipeline(cfg, prediction_type):
+    """One step of StableDiffusionSAGPipeline (mid-block attention capture, pred_x0, sag_masking,
+    the extra uncond forward, noise_pred += s(eps_uncond − eps_degraded)) with diffusers' own
+    methods, against the GuidedDenoiser, which captures the key mass in the main forward."""
+    from diffusers import DDIMScheduler
+    from diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag import (
+        CrossAttnStoreProcessor)
+
+    unet = unet_sd()
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    scheduler.set_timesteps(10)
+    t = scheduler.timesteps[3]
+    pipe = _sag_pipeline(unet, scheduler)
+    sample, cond, uncond, _ = unet_inputs(batch=2, hw=(16, 16))
+    guidance, sag_scale = 5.0, 0.75
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    store = CrossAttnStoreProcessor()
+    unet.set_attn_processor(AttnProcessor2_0())
+    unet.mid_block.attentions[0].transformer_blocks[0].attn1.processor = store
+    map_size = {}
+
+    def get_map_size(module, inputs, output):  # diffusers' SAG pipeline hook (returns None: output kept)
+        map_size["hw"] = output[0].shape[-2:]
+
+    hook = unet.mid_block.attentions[0].register_forward_hook(get_map_size)
+    x = torch.cat([sample] * 2) if cfg else sample
+    embeds = torch.cat([uncond, cond]) if cfg else cond
+    noise = unet(x, t, encoder_hidden_states=embeds).sample
+    hook.remove()
+    if cfg:
+        noise_uncond, noise_text = noise.chunk(2)
+        noise = noise_uncond + guidance * (noise_text - noise_uncond)
+        base, attn_map, emb = noise_uncond, store.attention_probs.chunk(2)[0], uncond
+    else:
+        base, attn_map, emb = noise, store.attention_probs, cond
+    pred_x0 = pipe.pred_x0(sample, base, t)
+    degraded = pipe.sag_masking(pred_x0, attn_map, map_size["hw"], t, pipe.pred_epsilon(sample, base, t))
+    degraded_pred = unet(degraded, t, encoder_hidden_states=emb).sample
+    theirs = noise + sag_scale * (base - degraded_pred)
+
+    unet.set_attn_processor(AttnProcessor2_0())
+    for reference in (False, True):
+        with gkd.GuidedDenoiser(unet, sag=True, scheduler=scheduler, reference=reference) as den:
+            ours = den(sample, t, encoder_hidden_states=cond, negative_encoder_hidden_states=uncond,
+                       guidance_scale=guidance if cfg else None, sag_scale=sag_scale)
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_guided_denoiser_sag_with_pag_and_seg_in_one_forward():
+    """SAG's capture layer is also a PAG and SEG layer: the key mass of the uncond rows and the
+    perturbed rows come out of the same mid-block call, equal to the reference mode."""
+    from diffusers import DDIMScheduler
+
+    unet = unet_sd()
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    scheduler.set_timesteps(10)
+    sample, cond, uncond, _ = unet_inputs(batch=1, hw=(16, 8))
+    kwargs = dict(encoder_hidden_states=cond, negative_encoder_hidden_states=uncond, guidance_scale=6.0,
+                  pag_scale=2.0, seg_scale=2.0, sag_scale=0.5)
+    results = []
+    for reference, fork in ((True, False), (False, True), (False, False)):
+        with gkd.GuidedDenoiser(unet, pag_layers="mid", seg_layers="mid", seg_sigma=2.0, sag=True,
+                                scheduler=scheduler, reference=reference, fork=fork) as den:
+            results.append(den(sample, scheduler.timesteps[2], **kwargs))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(results[2], results[0], rtol=1e-4, atol=1e-4)

@@ -1,7 +1,9 @@
 """``python -m guidance_kernels bench``: every op at real diffusion shapes, side by side.
 
-Each op family contributes a module ``cases_<family>.py`` with ``cases(device, quick) -> list[Case]``
-(see :mod:`.harness`); :data:`FAMILIES` lists them in the order they are run.
+Each op family contributes a module ``cases_<family>.py`` with ``OPS`` (the op stems it times) and
+``cases(device, quick) -> list[Case]`` (see :mod:`.harness`); :data:`FAMILIES` lists them in the
+order they are run. Families are filtered before their cases are built (building a case allocates
+its inputs and models).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ def collect(device: torch.device, quick: bool, ops: list[str] | None = None) -> 
     cases = []
     for family in FAMILIES:
         module = importlib.import_module(f"guidance_kernels.bench.cases_{family}")
+        if ops is not None and family not in ops and not set(module.OPS) & set(ops):
+            continue
         for case in module.cases(device, quick):
             if ops is None or case.op in ops or family in ops:
                 cases.append(case)

@@ -97,6 +97,8 @@ def _degrade_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
     return out
 
 
+OPS = ['attention_key_mass', 'sag_degrade']  # the op stems these cases time (bench --ops filters on them)
+
 def cases(device: torch.device, quick: bool) -> list[Case]:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     return _attention_cases(device, dtype) + _degrade_cases(device, dtype)
