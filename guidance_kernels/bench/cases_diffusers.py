@@ -225,7 +225,8 @@ def _sd3_cases(device, dtype, gpu) -> list[Case]:
                  baseline="CFG+PAG blocks.7 full batch", goal="report the fork's saving against the full batch")]
 
 
-OPS = ['diffusers']  # the op stems these cases time (bench --ops filters on them)
+# The op stems these cases time (bench --ops filters on them).
+OPS = ['diffusers']
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     gpu = device.type == "cuda"

@@ -15,7 +15,8 @@ from ..combine import apg_combine, cfg_zero_star_combine, guidance_combine
 from ..terms import cfg, pag
 from .harness import Case, Provider
 
-OPS = ['guidance_combine', 'apg_combine', 'cfg_zero_star_combine']  # the op stems these cases time (bench --ops filters on them)
+# The op stems these cases time (bench --ops filters on them).
+OPS = ['guidance_combine', 'apg_combine', 'cfg_zero_star_combine']
 
 GOALS = {"plain": 2.5, "rescale": 4.0, "apg": 6.0}
 

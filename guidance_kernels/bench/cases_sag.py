@@ -97,7 +97,8 @@ def _degrade_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
     return out
 
 
-OPS = ['attention_key_mass', 'sag_degrade']  # the op stems these cases time (bench --ops filters on them)
+# The op stems these cases time (bench --ops filters on them).
+OPS = ['attention_key_mass', 'sag_degrade']
 
 def cases(device: torch.device, quick: bool) -> list[Case]:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
