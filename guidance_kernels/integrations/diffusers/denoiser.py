@@ -130,6 +130,7 @@ class GuidedDenoiser:
             self._plans[key] = plan_branches(self.model, kinds, perturbed, batch, fork=self.fork)
         return self._plans[key]
 
+    @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep, *, encoder_hidden_states: torch.Tensor,
                  negative_encoder_hidden_states: torch.Tensor | None = None, added_cond_kwargs: dict | None = None,
                  negative_added_cond_kwargs: dict | None = None, pooled_projections: torch.Tensor | None = None,
@@ -142,7 +143,8 @@ class GuidedDenoiser:
         cond branch (and the perturbed ones); the ``negative_*`` versions the uncond branch.
         ``combine``: ``"cfg"`` (diffusers' CFG + PAG/SEG/SAG terms and rescale), ``"apg"`` or
         ``"cfg_zero_star"`` (CFG only; ``combine_kwargs`` go to apg_combine / cfg_zero_star_combine).
-        Returns the guided prediction (B, C, H, W) in the model's output dtype.
+        Returns the guided prediction (B, C, H, W) in the model's output dtype. Runs under
+        ``torch.no_grad()`` (as diffusers pipelines do): the guidance ops are inference ops.
         """
         if combine not in ("cfg", "apg", "cfg_zero_star"):
             raise ValueError(f"GuidedDenoiser: combine: unknown {combine!r} (cfg, apg, cfg_zero_star)")
