@@ -6,6 +6,7 @@ triton or the CUDA extension and never initialises CUDA (both happen on first us
 
 from . import _library  # noqa: F401  (registers the torch.library ops)
 from ._version import __version__
+from .attention import gaussian_blur_2d, guided_attention
 from .backends import BackendError, use_backend
 from .combine import apg_combine, apg_momentum_buffer, cfg_zero_star_combine, guidance_combine
 from .sag import (
@@ -42,6 +43,8 @@ __all__ = [
     "apg_combine",
     "apg_momentum_buffer",
     "cfg_zero_star_combine",
+    "gaussian_blur_2d",
+    "guided_attention",
     "Guidance",
     "Term",
     "cfg",

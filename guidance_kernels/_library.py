@@ -181,3 +181,49 @@ def sag_degrade(x0: Tensor, mask_map: Tensor, thresholded: bool, threshold: floa
 def _(x0, mask_map, thresholded, threshold, kernel_size, sigma, renoise, alpha, alpha_tensor, other,
       return_degraded, backend):
     return output_like(x0), output_like(x0) if return_degraded else x0.new_empty((0,))
+
+
+# --------------------------------------------------------------------------- gaussian_blur_2d, guided_attention
+# Grid, kernel size, σ and the per-item modes are static op arguments (a new configuration compiles
+# once). kernel_size == 0 means σ = ∞ (the exact spatial mean), so no inf ever enters a graph.
+
+MODE_NONE, MODE_IDENTITY, MODE_BLUR, MODE_MEAN = 0, 1, 2, 3
+
+
+def attention_out(q: Tensor, layout: str) -> Tensor:
+    """The ``(B, heads, Nq, d)`` output of guided_attention for ``(B, heads, Nq, d)`` ``q``: for
+    ``layout="bnd"`` a transposed view of a contiguous ``(B, Nq, heads, d)`` buffer (so the caller's
+    ``(B, Nq, heads·d)`` reshape is free), otherwise laid out like ``q`` (``_layout.output_like``)."""
+    if layout == "bnd":
+        b, heads, n, d = q.shape
+        return q.new_empty((b, n, heads, d)).transpose(1, 2)
+    return output_like(q)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::gaussian_blur_2d", mutates_args=())
+def gaussian_blur_2d(x: Tensor, grid_h: int, grid_w: int, layout: str, kernel_size: int, sigma: float,
+                     backend: str) -> Tensor:
+    """Depthwise separable Gaussian blur (reflect padding) or, kernel_size 0, the spatial mean.
+    See guidance_kernels.gaussian_blur_2d."""
+    fn = implementation("gaussian_blur_2d", backend, "gaussian_blur_2d")
+    return fn(x, grid_h, grid_w, layout, kernel_size, sigma)
+
+
+@gaussian_blur_2d.register_fake
+def _(x, grid_h, grid_w, layout, kernel_size, sigma, backend):
+    return output_like(x)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::guided_attention", mutates_args=())
+def guided_attention(q: Tensor, k: Tensor, v: Tensor, modes: list[int], sigmas: list[float], kernel_sizes: list[int],
+                     grid_h: int, grid_w: int, text_tokens: int, text_before: bool, scale: float, layout: str,
+                     backend: str) -> Tensor:
+    """Attention with a per-item perturbation (MODE_NONE/IDENTITY/BLUR/MEAN) on (B, heads, N, d)
+    views. See guidance_kernels.guided_attention."""
+    fn = implementation("guided_attention", backend, "guided_attention")
+    return fn(q, k, v, modes, sigmas, kernel_sizes, grid_h, grid_w, text_tokens, text_before, scale, layout)
+
+
+@guided_attention.register_fake
+def _(q, k, v, modes, sigmas, kernel_sizes, grid_h, grid_w, text_tokens, text_before, scale, layout, backend):
+    return attention_out(q, layout)

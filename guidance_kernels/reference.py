@@ -267,3 +267,109 @@ def sag_degrade(x0: torch.Tensor, mask_or_mass: torch.Tensor, *, grid=None, thre
     else:
         noised = degraded
     return (noised, degraded) if return_degraded else noised
+
+
+# --------------------------------------------------------------------------- guided attention (PAG §4, SEG §5)
+
+
+def seg_blur(img: torch.Tensor, sigma: float, kernel_size: int | None = None, *,
+             cap_to_grid: bool = True) -> torch.Tensor:
+    """SEG-SDXL's query perturbation of ``(B, C, H, W)``: for ``σ > SEG_INF_SIGMA`` every position
+    becomes the spatial mean of its channel (``query_ptb[:] = query_ptb.mean(dim=(-2, -1),
+    keepdim=True)``, in the tensor dtype); otherwise :func:`gaussian_blur_2d` with SEG's kernel size
+    ``ceil(6σ) + 1 − ceil(6σ) % 2`` (or ``kernel_size``), capped by the last dim as SEG-SDXL does."""
+    if sigma > SEG_INF_SIGMA:
+        out = img.clone()
+        out[:] = img.mean(dim=(-2, -1), keepdim=True)
+        return out
+    k = seg_kernel_size(sigma) if kernel_size is None else kernel_size
+    return gaussian_blur_2d(img, k, sigma, cap_to_grid=cap_to_grid)
+
+
+def tokens_to_image(x: torch.Tensor, grid: tuple[int, int], layout: str) -> torch.Tensor:
+    """``(B, N, C)`` ["bnc"] or ``(B, heads, N, d)`` ["bhnd"] image tokens (row-major over the
+    ``(H, W)`` grid) as ``(B, C, H, W)`` with channel ``head·d + j`` — SEG-SDXL's
+    ``permute(0, 1, 3, 2).view(B, heads·d, H, W)``. ``"nchw"`` is returned as is."""
+    h, w = grid
+    if layout == "nchw":
+        return x
+    if layout == "bnc":
+        return x.permute(0, 2, 1).reshape(x.shape[0], x.shape[2], h, w)
+    if layout == "bhnd":
+        return x.permute(0, 1, 3, 2).reshape(x.shape[0], x.shape[1] * x.shape[3], h, w)
+    raise ValueError(f"tokens_to_image: layout: unknown {layout!r}")
+
+
+def image_to_tokens(img: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor:
+    """Inverse of :func:`tokens_to_image` (shape of ``like``)."""
+    if layout == "nchw":
+        return img
+    if layout == "bnc":
+        return img.reshape(img.shape[0], img.shape[1], -1).permute(0, 2, 1)
+    if layout == "bhnd":
+        b, heads, n, d = like.shape
+        return img.reshape(b, heads, d, n).permute(0, 1, 3, 2)
+    raise ValueError(f"image_to_tokens: layout: unknown {layout!r}")
+
+
+def blur_tokens(x: torch.Tensor, sigma: float, grid: tuple[int, int], layout: str, kernel_size: int | None = None,
+                *, cap_to_grid: bool = True) -> torch.Tensor:
+    """:func:`seg_blur` of image tokens in any of the layouts of :func:`tokens_to_image`."""
+    img = tokens_to_image(x, grid, layout)
+    return image_to_tokens(seg_blur(img, sigma, kernel_size, cap_to_grid=cap_to_grid), x, layout)
+
+
+def joint_identity_mask(image_tokens: int, text_tokens: int, text_position: str, dtype, device) -> torch.Tensor:
+    """diffusers ``PAGJointAttnProcessor2_0``'s additive ``(S, S)`` mask: 0 everywhere except the
+    image↔image block, which is −inf off its diagonal (an image query sees its own key and every
+    text key; text queries see everything). diffusers puts the image tokens first; with
+    ``text_position="before"`` the same block is moved behind the text tokens."""
+    seq = image_tokens + text_tokens
+    start = text_tokens if text_position == "before" else 0
+    full_mask = torch.zeros((seq, seq), device=device, dtype=dtype)
+    block = full_mask[start:start + image_tokens, start:start + image_tokens]
+    block.fill_(float("-inf"))
+    block.fill_diagonal_(0)
+    return full_mask
+
+
+def guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modes, sigma=None, grid=None, *,
+                     text_tokens: int = 0, text_position: str = "after", scale: float | None = None,
+                     kernel_size=None) -> torch.Tensor:
+    """Attention of ``(B, heads, N, d)`` tensors where batch item ``i`` is perturbed by ``modes[i]``,
+    each item computed the way its anchor computes that branch, in the input dtype:
+
+    * ``"none"``: ``F.scaled_dot_product_attention`` (cross-attention allowed);
+    * ``"identity"`` (PAG): without text tokens the output is V (diffusers' PAG UNet processors
+      skip the attention); with text tokens it is SDPA with :func:`joint_identity_mask`
+      (``PAGJointAttnProcessor2_0``);
+    * ``"blur"`` (SEG, SEG-SDXL ``SEGCFGSelfAttnProcessor``): the image queries, viewed as
+      ``(1, heads·d, H, W)``, go through :func:`seg_blur` (σ > 9999: the grid mean), text queries
+      are untouched, then SDPA.
+
+    ``sigma`` (and ``kernel_size``, default SEG's rule) is a number or one value per item; ``grid`` the
+    ``(H, W)`` of the image tokens, which are the first ``H·W`` tokens (``text_position="after"``) or
+    the last (``"before"``)."""
+    sigmas = list(sigma) if isinstance(sigma, (list, tuple)) else [sigma] * q.shape[0]
+    sizes = list(kernel_size) if isinstance(kernel_size, (list, tuple)) else [kernel_size] * q.shape[0]
+    n = q.shape[2]
+    start = text_tokens if text_position == "before" else 0
+    image = slice(start, start + n - text_tokens)
+    out = []
+    for i, mode in enumerate(modes):
+        qi, ki, vi = q[i:i + 1], k[i:i + 1], v[i:i + 1]
+        if mode == "identity":
+            if text_tokens == 0:
+                out.append(vi)
+                continue
+            mask = joint_identity_mask(n - text_tokens, text_tokens, text_position, q.dtype, q.device)
+            out.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask[None, None],
+                                                                        scale=scale))
+            continue
+        if mode == "blur":
+            qi = qi.clone()
+            qi[:, :, image] = blur_tokens(qi[:, :, image], sigmas[i], grid, "bhnd", sizes[i])
+        elif mode != "none":
+            raise ValueError(f"guided_attention: modes[{i}]: unknown mode {mode!r}")
+        out.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, scale=scale))
+    return torch.cat(out)
