@@ -1,0 +1,384 @@
+"""Triton kernels of guided_attention: flash attention with PAG / SEG perturbations built in.
+
+Inputs are the op arguments: ``(B, heads, N, d)`` views (any strides), one mode per item
+(``_library.MODE_*``), the blur items' σ and kernel sizes, the image grid and the text block.
+
+Launches (``strategy="fused"``, the default):
+
+1. blur items only — ``gaussian_blur_2d._blur_kernel`` writes the blurred image queries of every
+   blur item into a compact ``(n_blur, heads, H·W, d)`` buffer (one launch per distinct σ; the
+   separable blur costs ~4k multiply-adds per element, a few % of the attention at N = 4096);
+2. σ = ∞ items only — ``_spatial_sum_kernel`` (partial sums of the image queries) then
+   ``_mean_row_kernel``: each program takes the mean query of one (item, head) and ONE split of
+   the keys and writes that split's online-softmax state (max, sum, Σ p·v) in fp32
+   (flash-decoding); O(N·d) in total instead of O(N²·d);
+3. ``_attention_kernel`` — ONE launch over (query tile, item, head) for the whole mixed batch,
+   each program reading its item's mode:
+
+   * none / blur: flash attention (online softmax in the exp2 domain, fp32 accumulators, P cast to
+     the input dtype for the P·V product as flash attention does); blur items read their image
+     query rows from the blurred buffer and their text rows from q;
+   * identity without text: a copy of the V rows — bit-exact, no arithmetic;
+   * identity with text (joint attention): an image query starts from its own key (logit
+     q_i·k_i, value v_i) and then visits only the text key tiles; a tile holding text queries
+     visits every key, its image rows masked to text keys. No S×S mask exists anywhere;
+   * σ = ∞: image rows are the merged split states of step 2 (broadcast, no key loop); tiles that
+     hold text queries attend normally.
+
+``strategy="sdpa"`` instead runs torch's ``scaled_dot_product_attention`` (its fastest backend) on
+the none / blur items — their image queries blurred by the same kernel — and launches
+``_attention_kernel`` only for the identity and σ = ∞ items (the others are skipped). The
+benchmark times both; ``DEFAULT_STRATEGY`` names the faster.
+
+fp32 inputs use IEEE fp32 dot products (never tf32). All offsets are int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .. import _layout
+from .._library import MODE_BLUR, MODE_IDENTITY, MODE_MEAN, MODE_NONE, attention_out
+from ..torch_ops.guided_attention import _put, _take
+from .gaussian_blur_2d import Geometry, blur_into, device_guard, index_tensor, spatial_sums
+
+STRATEGIES = ("fused", "sdpa")
+DEFAULT_STRATEGY = "fused"
+LOG2E = 1.4426950408889634
+
+# Per-item work codes read by _attention_kernel (host ints, and the same values as kernel constants).
+FULL, COPY, BLUR, MEAN, JOINT, SKIP = range(6)
+K_COPY: tl.constexpr = tl.constexpr(COPY)
+K_BLUR: tl.constexpr = tl.constexpr(BLUR)
+K_MEAN: tl.constexpr = tl.constexpr(MEAN)
+K_JOINT: tl.constexpr = tl.constexpr(JOINT)
+K_SKIP: tl.constexpr = tl.constexpr(SKIP)
+ROW_TILE = 4096  # elements of a (keys, BLOCK_D) tile in _mean_row_kernel
+MAX_SPLITS = 64
+
+
+def attention_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_D, BLOCK_M, BLOCK_N, num_warps, num_stages) of the main kernel.
+
+    Chosen with the AOT compile lane (tests/aot_guided_attention.py) as the largest tiles that
+    compile WITHOUT register spills for sm_80 and sm_90 in every variant of the kernel (d = 128
+    with BLOCK_N = 64 is at 255 registers on sm_80 already). fp32 (IEEE dots on CUDA cores,
+    register hungry) gets 16×16 tiles; fp32 with BLOCK_D = 256 spills at any tile size, so the
+    backend check sends that case to the torch backend on CUDA (the interpreter still runs it)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if dtype == torch.float32:
+        return block_d, 16, 16, 4 if block_d <= 64 else 8, 2
+    if block_d <= 64:
+        # masked head dims (d = 40) need ~2x the registers on sm_90: a smaller query tile
+        return (block_d, 128, 64, 8, 3) if head_dim == block_d else (block_d, 64, 64, 8, 3)
+    if block_d == 128:
+        return block_d, 128, 32, 8, 3
+    return block_d, 32, 32, 8, 2
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _offsets(idx, OFF64: tl.constexpr):
+    """Token indices for in-slice offsets: int64 when a (item, head) slice spans 2**31 elements or
+    more, else int32 (the (BLOCK, d) pointer tiles then cost half the registers). Item and head
+    offsets are always int64."""
+    if OFF64:
+        return idx.to(tl.int64)
+    return idx
+
+
+@triton.jit
+def _tile(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_d, d_ok, start, hi, qk_scale,
+          BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr, MASK_N: tl.constexpr, IEEE: tl.constexpr,
+          OFF64: tl.constexpr):
+    """One key tile of the online softmax (exp2 domain: qk_scale includes log2 e)."""
+    offs_n = start + tl.arange(0, BLOCK_N)
+    on = _offsets(offs_n, OFF64)
+    k_ptrs = k_base + on[None, :] * skn + offs_d[:, None] * skd
+    v_ptrs = v_base + on[:, None] * svn + offs_d[None, :] * svd
+    if MASK_N:
+        n_ok = offs_n < hi
+        k = tl.load(k_ptrs, mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+    if IEEE:
+        s = tl.dot(q, k, input_precision="ieee")
+    else:
+        s = tl.dot(q, k)
+    s = s * qk_scale
+    if MASK_N:
+        s = tl.where(n_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None]
+    if IEEE:
+        acc = tl.dot(p, v, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, qb_ptr, part_ptr, info_ptr,
+                      qk_scale, heads, Nk, img0, n_img, text0, n_text, n_part, tiles_img, tiles_m,
+                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbs, sbh, sbn,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      PART_P: tl.constexpr, HAS_COPY: tl.constexpr, HAS_BLUR: tl.constexpr, HAS_MEAN: tl.constexpr,
+                      HAS_JOINT: tl.constexpr, IEEE: tl.constexpr, OFF64: tl.constexpr, STAGES: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_m = pid % tiles_m
+    bh = pid // tiles_m
+    b = bh // heads
+    h = bh % heads
+    mode = tl.load(info_ptr + 2 * b)
+    slot = tl.load(info_ptr + 2 * b + 1)
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    k_base = k_ptr + b64 * skb + h64 * skh
+    v_base = v_ptr + b64 * svb + h64 * svh
+    # Query tiles never mix image and text rows: the first tiles_img tiles cover the image block,
+    # the rest the text block. Every tile is then uniform in what it computes.
+    text_tile = pid_m >= tiles_img
+    row0 = tl.where(text_tile, text0 + (pid_m - tiles_img) * BLOCK_M, img0 + pid_m * BLOCK_M)
+    row_end = tl.where(text_tile, text0 + n_text, img0 + n_img)
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    om = _offsets(offs_m, OFF64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    tile_mask = (offs_m < row_end)[:, None] & d_ok[None, :]
+    o_ptrs = out_ptr + b64 * sob + h64 * soh + om[:, None] * son + offs_d[None, :] * sod
+    image_tile = text_tile == 0
+    if HAS_COPY:
+        if mode == K_COPY:
+            # PAG without text: the output rows are the V rows, bit for bit
+            vals = tl.load(v_base + om[:, None] * svn + offs_d[None, :] * svd, mask=tile_mask)
+            tl.store(o_ptrs, vals, mask=tile_mask)
+    broadcast = False
+    if HAS_MEAN:
+        broadcast = (mode == K_MEAN) & image_tile
+        if broadcast:
+            # σ = ∞, image rows: merge the key splits of this (item, head)'s mean-query row
+            # (flash-decoding) and write it to every row of the tile
+            offs_s = tl.arange(0, PART_P)
+            s_ok = offs_s < n_part
+            rows = part_ptr + ((slot * heads + h).to(tl.int64) * n_part + offs_s) * (BLOCK_D + 2)
+            ms = tl.load(rows, mask=s_ok, other=float("-inf"))
+            ls = tl.load(rows + 1, mask=s_ok, other=0.0)
+            accs = tl.load(rows[:, None] + 2 + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+            wts = tl.math.exp2(ms - tl.max(ms, axis=0))
+            row = tl.sum(wts[:, None] * accs, axis=0) / tl.sum(wts * ls, axis=0)
+            vals = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32) + row[None, :]
+            tl.store(o_ptrs, vals.to(out_ptr.dtype.element_ty), mask=tile_mask)
+    if (mode != K_SKIP) & (mode != K_COPY) & (broadcast == 0):
+        q_ptrs = q_ptr + b64 * sqb + h64 * sqh + om[:, None] * sqn + offs_d[None, :] * sqd
+        if HAS_BLUR:
+            if (mode == K_BLUR) & image_tile:
+                # SEG: this item's image queries come from the blurred copy
+                q_ptrs = qb_ptr + slot.to(tl.int64) * sbs + h64 * sbh + (om - img0)[:, None] * sbn + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=tile_mask, other=0.0)
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        lo = row0 * 0
+        hi = lo + Nk
+        if HAS_JOINT:
+            if (mode == K_JOINT) & image_tile:
+                # joint PAG, image rows: the own key (self-attention: key index = query index) enters
+                # the softmax first, then only the text keys are visited
+                k_own = tl.load(k_base + om[:, None] * skn + offs_d[None, :] * skd, mask=tile_mask, other=0.0)
+                v_own = tl.load(v_base + om[:, None] * svn + offs_d[None, :] * svd, mask=tile_mask, other=0.0)
+                m_i = tl.sum(q.to(tl.float32) * k_own.to(tl.float32), axis=1) * qk_scale
+                l_i = l_i + 1.0
+                acc = v_own.to(tl.float32)
+                lo = lo + text0
+                hi = lo + n_text
+        # keys [lo, hi): full tiles without key masks (the pipelined hot loop), then a masked tail
+        end = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+        for start in tl.range(lo, end, BLOCK_N, num_stages=STAGES):
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_d, d_ok, start, hi,
+                                  qk_scale, BLOCK_N, HEAD_DIM == BLOCK_D, False, IEEE, OFF64)
+        if end < hi:
+            acc, l_i, m_i = _tile(acc, l_i, m_i, q, k_base, v_base, skn, skd, svn, svd, offs_d, d_ok, end, hi,
+                                  qk_scale, BLOCK_N, HEAD_DIM == BLOCK_D, True, IEEE, OFF64)
+        out = acc / l_i[:, None]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=tile_mask)
+
+
+@triton.jit
+def _mean_row_kernel(part_ptr, psum_ptr, k_ptr, v_ptr, items_ptr, heads, Nk, n_img, n_sum, chunk, chunk_tiles, n_part,
+                     qk_scale, skb, skh, skn, skd, svb, svh, svn, svd,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SUM_P: tl.constexpr):
+    """Online-softmax state of the mean query of one (σ = ∞ item, head) over one split of the keys."""
+    pid = tl.program_id(0)
+    split = pid % n_part
+    g = pid // n_part  # slot * heads + head
+    slot = g // heads
+    h = g % heads
+    b = tl.load(items_ptr + slot)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_s = tl.arange(0, SUM_P)
+    sums = tl.load(psum_ptr + (g.to(tl.int64) * n_sum + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+                   mask=(offs_s < n_sum)[:, None] & d_ok[None, :], other=0.0)
+    q_mean = tl.sum(sums, axis=0) / n_img
+    k_base = k_ptr + b.to(tl.int64) * skb + h.to(tl.int64) * skh
+    v_base = v_ptr + b.to(tl.int64) * svb + h.to(tl.int64) * svh
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, Nk)
+    m_i = tl.max(tl.zeros([BLOCK_N], dtype=tl.float32), axis=0) - float("inf")
+    l_i = tl.sum(tl.zeros([BLOCK_N], dtype=tl.float32), axis=0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    # Every split starts with at least one valid key (n_part = cdiv(Nk, chunk)), so m_i is finite
+    # after the first tile and fully masked later tiles leave the state unchanged.
+    for t in range(0, chunk_tiles):
+        offs_n = lo + t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        on = offs_n.to(tl.int64)
+        mask = n_ok[:, None] & d_ok[None, :]
+        kt = tl.load(k_base + on[:, None] * skn + offs_d[None, :] * skd, mask=mask, other=0.0).to(tl.float32)
+        logit = tl.sum(kt * q_mean[None, :], axis=1) * qk_scale
+        logit = tl.where(n_ok, logit, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(logit, axis=0))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(logit - m_new)
+        vt = tl.load(v_base + on[:, None] * svn + offs_d[None, :] * svd, mask=mask, other=0.0).to(tl.float32)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * vt, axis=0)
+        m_i = m_new
+    row = part_ptr + (g.to(tl.int64) * n_part + split) * (BLOCK_D + 2)
+    tl.store(row, m_i)
+    tl.store(row + 1, l_i)
+    tl.store(row + 2 + offs_d, acc)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def _needs_int64(*tensors) -> bool:
+    """Whether an offset inside one (item, head) slice of any tensor can reach 2**31."""
+    span = 0
+    for t in tensors:
+        if t is not None and t.numel():
+            span = max(span, sum((n - 1) * abs(s) for n, s in zip(t.shape[2:], t.stride()[2:])))
+    return span >= 2**31 - 1
+
+
+def _work_codes(modes: list[int], text_tokens: int) -> list[int]:
+    codes = {MODE_NONE: FULL, MODE_BLUR: BLUR, MODE_MEAN: MEAN}
+    return [codes[m] if m != MODE_IDENTITY else (COPY if text_tokens == 0 else JOINT) for m in modes]
+
+
+def _blurred_queries(q_img, modes, sigmas, kernel_sizes, grid_h, grid_w):
+    """Blurred image queries of the blur items: (n_blur, heads, H·W, d) and each item's slot."""
+    b, heads, n_img, d = q_img.shape
+    configs: dict[tuple[int, float], list[int]] = {}
+    for i, mode in enumerate(modes):
+        if mode == MODE_BLUR:
+            configs.setdefault((kernel_sizes[i], sigmas[i]), []).append(i)
+    slots = {}
+    total = sum(len(items) for items in configs.values())
+    qb = torch.empty((total, heads, n_img, d), dtype=q_img.dtype, device=q_img.device)
+    sb, sh, sn, sd = q_img.stride()
+    geo = Geometry(heads, d, grid_h, grid_w, (sb, sh, sd, grid_w * sn, sn))
+    out_geo = Geometry(heads, d, grid_h, grid_w, (qb.stride(0), qb.stride(1), 1, grid_w * qb.stride(2), qb.stride(2)))
+    start = 0
+    for (size, sigma), items in configs.items():
+        for j, i in enumerate(items):
+            slots[i] = start + j
+        blur_into(qb[start:], out_geo, q_img, geo, size, sigma, index_tensor(tuple(items), q_img.device), len(items))
+        start += len(items)
+    return qb, slots
+
+
+def _mean_rows(q_img, k, v, modes, qk_scale, block_d):
+    """Split online-softmax states (n_mean·heads, n_part, 2 + block_d) of the σ = ∞ items' mean
+    query rows, and each item's slot."""
+    b, heads, n_img, d = q_img.shape
+    items = [i for i, mode in enumerate(modes) if mode == MODE_MEAN]
+    slots = {i: j for j, i in enumerate(items)}
+    index = index_tensor(tuple(items), q_img.device)
+    sb, sh, sn, sd = q_img.stride()
+    target = _layout.target_programs(q_img.device)
+    psum, n_sum = spatial_sums(q_img, Geometry(heads, d, 1, n_img, (sb, sh, sd, 0, sn)), index, len(items), target)
+    nk = k.shape[2]
+    block_n = max(16, ROW_TILE // block_d)
+    n_part, chunk = _layout.partitions(len(items) * heads, nk, block_n, target, max_partitions=MAX_SPLITS)
+    part = torch.empty((len(items) * heads, n_part, block_d + 2), dtype=torch.float32, device=q_img.device)
+    with device_guard(q_img):
+        _mean_row_kernel[(len(items) * heads * n_part,)](
+            part, psum, k, v, index, heads, nk, n_img, n_sum, chunk, chunk // block_n, n_part, qk_scale,
+            *k.stride(), *v.stride(), HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=block_n,
+            SUM_P=triton.next_power_of_2(n_sum), num_warps=4)
+    return part, n_part, slots
+
+
+def guided_attention(q, k, v, modes, sigmas, kernel_sizes, grid_h, grid_w, text_tokens, text_before, scale, layout,
+                     strategy: str | None = None):
+    strategy = strategy or DEFAULT_STRATEGY
+    if strategy not in STRATEGIES:
+        raise ValueError(f"guided_attention: strategy: must be one of {STRATEGIES}, got {strategy!r}")
+    out = attention_out(q, layout)
+    if out.numel() == 0:
+        return out
+    batch, heads, nq, d = q.shape
+    nk = k.shape[2]
+    n_img = nq - text_tokens
+    img0 = text_tokens if text_before else 0
+    text0 = 0 if text_before else n_img
+    block_d, block_m, block_n, num_warps, num_stages = attention_config(d, q.dtype)
+    qk_scale = float(scale) * LOG2E
+    q_img = q[:, :, img0:img0 + n_img]
+    codes = _work_codes(modes, text_tokens)
+    slots = [0] * batch
+    qb = part = None
+    n_part = 1
+    if MODE_BLUR in modes:
+        qb, blur_slots = _blurred_queries(q_img, modes, sigmas, kernel_sizes, grid_h, grid_w)
+        for i, s in blur_slots.items():
+            slots[i] = s
+    if MODE_MEAN in modes:
+        part, n_part, mean_slots = _mean_rows(q_img, k, v, modes, qk_scale, block_d)
+        for i, s in mean_slots.items():
+            slots[i] = s
+    if strategy == "sdpa":
+        attended = [i for i, c in enumerate(codes) if c in (FULL, BLUR)]
+        if attended:
+            q_att = _take(q, attended)
+            if qb is not None:
+                q_att = q_att.clone()
+                for j, i in enumerate(attended):
+                    if codes[i] == BLUR:
+                        q_att[j, :, img0:img0 + n_img].copy_(qb[slots[i]])
+            result = F.scaled_dot_product_attention(q_att, _take(k, attended), _take(v, attended), scale=scale)
+            _put(out, attended, slice(None), result)
+            for i in attended:
+                codes[i] = SKIP
+        if all(c == SKIP for c in codes):
+            return out
+    info = index_tensor(tuple(x for pair in zip(codes, slots) for x in pair), q.device)
+    tiles_img = triton.cdiv(n_img, block_m)
+    tiles_m = tiles_img + triton.cdiv(text_tokens, block_m)
+    dummy = out
+    with device_guard(q):
+        _attention_kernel[(tiles_m * batch * heads,)](
+            out, q, k, v, qb if qb is not None else dummy, part if part is not None else dummy, info,
+            qk_scale, heads, nk, img0, n_img, text0, text_tokens, n_part, tiles_img, tiles_m,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *(qb.stride()[:3] if qb is not None else (0, 0, 0)),
+            HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PART_P=triton.next_power_of_2(n_part),
+            HAS_COPY=COPY in codes, HAS_BLUR=BLUR in codes, HAS_MEAN=MEAN in codes, HAS_JOINT=JOINT in codes,
+            IEEE=q.dtype == torch.float32, OFF64=_needs_int64(q, k, v, out, qb), STAGES=num_stages,
+            num_warps=num_warps)
+    return out
