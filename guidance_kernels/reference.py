@@ -154,6 +154,12 @@ def gaussian_blur_2d(img: torch.Tensor, kernel_size: int, sigma: float, *, cap_t
     kernel2d = kernel2d.expand(img.shape[-3], 1, kernel2d.shape[0], kernel2d.shape[1])
     padding = [kernel_size // 2] * 4
     img = torch.nn.functional.pad(img, padding, mode="reflect")
+    if img.dtype == torch.float64:
+        # The same k×k kernel on every channel as one single-channel convolution over B·C images:
+        # bit-identical, and ~1000× faster than torch's grouped float64 conv2d on the CPU (which the
+        # float64 truths of the tests use).
+        out = torch.nn.functional.conv2d(img.reshape(-1, 1, *img.shape[-2:]), kernel2d[:1])
+        return out.view(*img.shape[:-2], *out.shape[-2:])
     return torch.nn.functional.conv2d(img, kernel2d, groups=img.shape[-3])
 
 
