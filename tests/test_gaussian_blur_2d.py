@@ -195,6 +195,15 @@ def test_forced_backend_that_cannot_serve_explains_why():
         gk.gaussian_blur_2d(x, 1.0, backend="cuda")
 
 
+def test_raw_op_rejects_kernels_that_would_leave_the_grid(lane):
+    """The op itself (bypassing the public checks) refuses a reflect padding that does not fit."""
+    backend, device = lane
+    x = torch.randn(1, 2, 3, 9, device=device)
+    op = torch.ops.guidance_kernels.gaussian_blur_2d
+    with pytest.raises((ValueError, RuntimeError), match="(reflect padding fits the grid|Padding size should be)"):
+        op(x, 3, 9, "nchw", 9, 1.0, backend)
+
+
 # --------------------------------------------------------------------------- opcheck and compile
 
 

@@ -278,6 +278,31 @@ def test_mode_and_sigma_spellings(lane):
                        gk.guided_attention(q, k, v, modes=["none"] * 3, backend=backend))
 
 
+@pytest.mark.parametrize("lane", [x for x in LANES if x[0] == "triton"], ids=lane_id)
+def test_triton_sdpa_strategy_matches_reference(lane):
+    """The triton backend's alternative strategy (blur pre-pass feeding torch SDPA for the none /
+    blur items, the kernel for identity and σ = ∞ items) computes the same thing."""
+    from guidance_kernels.triton.guided_attention import use_strategy
+
+    backend, device = lane
+    heads, grid, text = 2, (5, 7), 6
+    modes = ["blur", "identity", "none", "blur"]
+    sigma = [1.5, None, None, math.inf]
+    for text_tokens in (0, text):
+        q, k, v = _qkv(4, heads, 35 + text_tokens, 64, torch.float16, device, seed=text_tokens)
+        with use_strategy("sdpa"):
+            out = gk.guided_attention(q, k, v, modes=modes, sigma=sigma, grid=grid, text_tokens=text_tokens,
+                                      backend=backend)
+            plain = gk.guided_attention(q, k, v, backend=backend)  # every item through SDPA
+        if text_tokens == 0:
+            assert torch.equal(out[1], v[1])
+        _check(out, q, k, v, modes, sigma, grid, heads=heads, text_tokens=text_tokens, what=f"sdpa text={text_tokens}")
+        _check(plain, q, k, v, ["none"] * 4, None, None, heads=heads, what="sdpa plain")
+    with pytest.raises(ValueError, match="strategy: must be one of"):
+        with use_strategy("cudnn"):
+            pass
+
+
 @pytest.mark.parametrize("lane", [x for x in LANES if x[0] != "torch"], ids=lane_id)
 def test_large_offsets_use_int64(lane):
     """A token stride of 2**30 + 64 puts the second token of a (item, head) slice past 2**31
@@ -294,6 +319,18 @@ def test_large_offsets_use_int64(lane):
     out = gk.guided_attention(q, k, v, modes=["blur"], sigma=1e9, grid=(1, 3), backend=backend)
     expect = R.guided_attention(*(t.float() for t in values), ["blur"], 1e9, (1, 3)).half()
     torch.testing.assert_close(out.cpu(), expect, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("lane", [x for x in LANES if x[0] == "triton"], ids=lane_id)
+def test_raw_op_rejects_inputs_the_kernel_cannot_address(lane):
+    backend, device = lane
+    op = torch.ops.guidance_kernels.guided_attention
+    q, _, _ = _qkv(2, 1, 12, 16, torch.float32, device)
+    _, k, v = _qkv(2, 1, 12, 16, torch.float32, device, nk=8)
+    with pytest.raises(ValueError, match="need self-attention"):
+        op(q, k, v, [L.MODE_NONE, L.MODE_IDENTITY], [0.0, 0.0], [0, 0], 1, 12, 0, False, 0.25, "bhnd", backend)
+    with pytest.raises(ValueError, match=r"grid: \(3, 3\) does not cover the 12 image tokens"):
+        op(q, q, q, [L.MODE_NONE, L.MODE_MEAN], [0.0, 0.0], [0, 0], 3, 3, 0, False, 0.25, "bhnd", backend)
 
 
 def test_empty_inputs(lane):

@@ -50,8 +50,10 @@ def separable_blur(img: torch.Tensor, kernel_size: int, sigma: float) -> torch.T
 
 def gaussian_blur_2d(x, grid_h, grid_w, layout, kernel_size, sigma):
     out = output_like(x)
-    if out.numel() == 0:
-        return out
+    if out.numel() == 0 or kernel_size == 1:
+        return out.copy_(x)
     img = tokens_to_image(x.to(compute_dtype(x)), (grid_h, grid_w), layout)
-    blurred = separable_blur(img, kernel_size, sigma)
-    return out.copy_(image_to_tokens(blurred, x, layout))
+    blurred = image_to_tokens(separable_blur(img, kernel_size, sigma), x, layout)
+    if kernel_size > 1 and blurred.dtype == out.dtype and blurred.stride() == out.stride():
+        return blurred  # the convolution's fresh output already has the output layout: no extra pass
+    return out.copy_(blurred)

@@ -33,6 +33,10 @@ def _take(t: torch.Tensor, items: list[int]) -> torch.Tensor:
 
 
 def _put(out: torch.Tensor, items: list[int], rows: slice, result: torch.Tensor) -> None:
+    """``out[items, :, rows] = result``: one copy for a contiguous range of items."""
+    if items == list(range(items[0], items[0] + len(items))):
+        out[items[0]:items[0] + len(items), :, rows].copy_(result)
+        return
     for j, i in enumerate(items):
         out[i, :, rows].copy_(result[j])
 

@@ -204,8 +204,12 @@ def blur_blocks(kernel_size: int, geo: Geometry) -> tuple[int, int, int]:
 def blur_into(out: torch.Tensor, out_geo: Geometry, x: torch.Tensor, geo: Geometry, kernel_size: int, sigma: float,
               items: torch.Tensor | None, slots: int) -> None:
     """Blur ``slots`` samples of ``x`` (sample ``items[i]``, or ``i``) into sample ``i`` of ``out``."""
-    w = weights(kernel_size, sigma, x.device, torch.float32)
     pad = kernel_size // 2
+    if kernel_size < 1 or kernel_size % 2 == 0 or pad >= min(geo.height, geo.width):
+        # the public function never passes these; the raw op must not read outside the grid either
+        raise ValueError(f"gaussian_blur_2d: kernel_size: {kernel_size} is not an odd size whose reflect "
+                         f"padding fits the grid {(geo.height, geo.width)}")
+    w = weights(kernel_size, sigma, x.device, torch.float32)
     block_y, block_x, block_j = blur_blocks(kernel_size, geo)
     tiles_x = triton.cdiv(geo.width, block_x)
     tiles_j = triton.cdiv(geo.inner, block_j)

@@ -35,6 +35,8 @@ fp32 inputs use IEEE fp32 dot products (never tf32). All offsets are int64.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -46,7 +48,21 @@ from ..torch_ops.guided_attention import _put, _take
 from .gaussian_blur_2d import Geometry, blur_into, device_guard, index_tensor, spatial_sums
 
 STRATEGIES = ("fused", "sdpa")
-DEFAULT_STRATEGY = "fused"
+DEFAULT_STRATEGY = "fused"  # the benchmark decides: see the module docstring
+_strategy: list[str] = []  # use_strategy's stack (benchmark and tests)
+
+
+@contextlib.contextmanager
+def use_strategy(strategy: str):
+    """Run the triton backend's guided_attention with ``strategy`` inside the block (eager calls;
+    for the benchmark and the tests, which time / check both)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"use_strategy: strategy: must be one of {STRATEGIES}, got {strategy!r}")
+    _strategy.append(strategy)
+    try:
+        yield
+    finally:
+        _strategy.pop()
 LOG2E = 1.4426950408889634
 
 # Per-item work codes read by _attention_kernel (host ints, and the same values as kernel constants).
@@ -326,7 +342,7 @@ def _mean_rows(q_img, k, v, modes, qk_scale, block_d):
 
 def guided_attention(q, k, v, modes, sigmas, kernel_sizes, grid_h, grid_w, text_tokens, text_before, scale, layout,
                      strategy: str | None = None):
-    strategy = strategy or DEFAULT_STRATEGY
+    strategy = strategy or (_strategy[-1] if _strategy else DEFAULT_STRATEGY)
     if strategy not in STRATEGIES:
         raise ValueError(f"guided_attention: strategy: must be one of {STRATEGIES}, got {strategy!r}")
     out = attention_out(q, layout)
@@ -335,12 +351,19 @@ def guided_attention(q, k, v, modes, sigmas, kernel_sizes, grid_h, grid_w, text_
     batch, heads, nq, d = q.shape
     nk = k.shape[2]
     n_img = nq - text_tokens
+    # The public function guarantees these; the raw op must not read out of bounds either.
+    if any(m != MODE_NONE for m in modes) and nk != nq:
+        raise ValueError("guided_attention: k: identity / blur items need self-attention (Nk == Nq)")
+    if any(m in (MODE_BLUR, MODE_MEAN) for m in modes) and grid_h * grid_w != n_img:
+        raise ValueError(f"guided_attention: grid: {(grid_h, grid_w)} does not cover the {n_img} image tokens")
     img0 = text_tokens if text_before else 0
     text0 = 0 if text_before else n_img
     block_d, block_m, block_n, num_warps, num_stages = attention_config(d, q.dtype)
     qk_scale = float(scale) * LOG2E
     q_img = q[:, :, img0:img0 + n_img]
     codes = _work_codes(modes, text_tokens)
+    if all(c == COPY for c in codes):
+        return out.copy_(v)  # PAG items only: one bit-exact copy, at copy bandwidth
     slots = [0] * batch
     qb = part = None
     n_part = 1
