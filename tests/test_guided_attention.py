@@ -414,6 +414,7 @@ def test_bad_input_is_rejected_with_the_argument_name():
     _bad(ValueError, "v: has 3 heads but q has 2", q, k, torch.randn(3, 3, 35, 8))
     _bad(ValueError, "k: head dim 4 differs from q's 8", q, torch.randn(3, 2, 35, 4), v)
     _bad(ValueError, "v: has 30 tokens but k has 35", q, k, v[:, :, :30])
+    _bad(ValueError, "k: has no tokens", q, k[:, :, :0], v[:, :, :0])
     _bad(ValueError, "k: has 20 tokens but q has 35: identity and blur items need self-attention", q, k[:, :, :20],
          v[:, :, :20], modes=["identity", "none", "none"])
     _bad(ValueError, "k: is on meta but q is on cpu", q, k.to("meta"), v)

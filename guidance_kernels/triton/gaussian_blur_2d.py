@@ -180,7 +180,8 @@ def _mean_fill_kernel(out_ptr, psum_ptr, G, D, W, n_pos, parts, tiles_p, tiles_j
     mean = tl.sum(sums, axis=0) / n_pos
     pos = tp * BLOCK_P + tl.arange(0, BLOCK_P)
     off = (pos // W).to(tl.int64) * soy + (pos % W).to(tl.int64) * sox
-    o_ptrs = out_ptr + slot.to(tl.int64) * sob + g.to(tl.int64) * sog + off[:, None] + offs_j.to(tl.int64)[None, :] * soj
+    o_base = out_ptr + slot.to(tl.int64) * sob + g.to(tl.int64) * sog
+    o_ptrs = o_base + off[:, None] + offs_j.to(tl.int64)[None, :] * soj
     vals = tl.zeros([BLOCK_P, BLOCK_J], dtype=tl.float32) + mean[None, :]
     tl.store(o_ptrs, vals.to(out_ptr.dtype.element_ty), mask=(pos < n_pos)[:, None] & j_ok[None, :])
 
