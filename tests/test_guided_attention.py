@@ -255,6 +255,30 @@ def test_sigma_edge_cases(lane, dtype):
     assert torch.equal(blurred, gk.guided_attention(q, k, v, backend=backend))
 
 
+def test_strided_inputs(lane):
+    """Views as callers hold them: chunks of a fused qkv projection ("bnd"), a transposed k and a
+    sliced v ("bhnd"); the output follows q's layout rule."""
+    backend, device = lane
+    b, heads, d, grid, text = 3, 2, 40, (5, 7), 6
+    n = 35 + text
+    modes, sigma = ["none", "identity", "blur"], [None, None, 1e9]
+    qkv = torch.randn(b, n, 3 * heads * d, device=device)
+    q, k, v = qkv.chunk(3, dim=-1)
+    out = gk.guided_attention(q, k, v, modes=modes, sigma=sigma, grid=grid, layout="bnd", heads=heads,
+                              text_tokens=text, backend=backend)
+    assert out.is_contiguous()
+    _check(out, q, k, v, modes, sigma, grid, heads=heads, text_tokens=text, what=f"{backend} fused qkv")
+    q = torch.randn(b, heads, n, d, device=device)
+    k = torch.randn(b, n, heads, d, device=device).transpose(1, 2)
+    v = torch.randn(b, heads, n, d + 3, device=device)[..., 1:1 + d]
+    sigma = [None, None, 0.8]
+    out = gk.guided_attention(q, k, v, modes=modes, sigma=sigma, grid=grid, text_tokens=text, text_position="before",
+                              backend=backend)
+    assert out.stride() == q.stride()
+    _check(out, q, k, v, modes, sigma, grid, heads=heads, text_tokens=text, text_position="before",
+           what=f"{backend} strided")
+
+
 @pytest.mark.parametrize("lane,dtype", LANE_DTYPES)
 def test_cross_attention_and_scale(lane, dtype):
     backend, device = lane
