@@ -25,14 +25,14 @@ from .gaussian_blur_2d import compute_dtype, separable_blur
 QUERY_CHUNK = 1024  # joint identity: bounds the (chunk × T) fp32 logits per (item, head)
 
 
-def _take(t: torch.Tensor, items: list[int]) -> torch.Tensor:
+def take_items(t: torch.Tensor, items: list[int]) -> torch.Tensor:
     """``t[items]``: a view when the items are a contiguous range (the usual [u, c | p] batch)."""
     if items == list(range(items[0], items[0] + len(items))):
         return t[items[0]:items[0] + len(items)]
     return t[items]
 
 
-def _put(out: torch.Tensor, items: list[int], rows: slice, result: torch.Tensor) -> None:
+def put_items(out: torch.Tensor, items: list[int], rows: slice, result: torch.Tensor) -> None:
     """``out[items, :, rows] = result``: one copy for a contiguous range of items."""
     if items == list(range(items[0], items[0] + len(items))):
         out[items[0]:items[0] + len(items), :, rows].copy_(result)
@@ -87,9 +87,9 @@ def guided_attention(q, k, v, modes, sigmas, kernel_sizes, grid_h, grid_w, text_
         groups.setdefault(key, []).append(i)
     for key, items in groups.items():
         mode = key[0]
-        qg, kg, vg = _take(q, items), _take(k, items), _take(v, items)
+        qg, kg, vg = take_items(q, items), take_items(k, items), take_items(v, items)
         if mode == MODE_NONE:
-            _put(out, items, slice(None), _sdpa(qg, kg, vg, scale))
+            put_items(out, items, slice(None), _sdpa(qg, kg, vg, scale))
         elif mode == MODE_BLUR:
             _, size, sigma = key
             blurred = qg.clone()
@@ -97,20 +97,20 @@ def guided_attention(q, k, v, modes, sigmas, kernel_sizes, grid_h, grid_w, text_
             image = qg[:, :, img].to(compute_dtype(qg)).permute(0, 1, 3, 2).reshape(b, heads * d, grid_h, grid_w)
             image = separable_blur(image, size, sigma)
             blurred[:, :, img] = image.reshape(b, heads, d, n_img).permute(0, 1, 3, 2)
-            _put(out, items, slice(None), _sdpa(blurred, kg, vg, scale))
+            put_items(out, items, slice(None), _sdpa(blurred, kg, vg, scale))
         elif mode == MODE_MEAN:
             row = _mean_row(qg[:, :, img], kg, vg, scale)
-            _put(out, items, img, row.expand(-1, -1, n_img, -1))
+            put_items(out, items, img, row.expand(-1, -1, n_img, -1))
             if text_tokens:
-                _put(out, items, txt, _sdpa(qg[:, :, txt], kg, vg, scale))
+                put_items(out, items, txt, _sdpa(qg[:, :, txt], kg, vg, scale))
         elif mode == MODE_IDENTITY:
             if text_tokens == 0:
-                _put(out, items, slice(None), vg)  # PAG: the attention output is V itself, bit for bit
+                put_items(out, items, slice(None), vg)  # PAG: the attention output is V itself, bit for bit
                 continue
             rows = _joint_identity_rows(qg[:, :, img], kg[:, :, img], vg[:, :, img], kg[:, :, txt], vg[:, :, txt],
                                         scale)
-            _put(out, items, img, rows)
-            _put(out, items, txt, _sdpa(qg[:, :, txt], kg, vg, scale))
+            put_items(out, items, img, rows)
+            put_items(out, items, txt, _sdpa(qg[:, :, txt], kg, vg, scale))
         else:
             raise ValueError(f"guided_attention: unknown internal mode {mode}")
     return out

@@ -55,7 +55,7 @@ import triton.language as tl
 
 from .. import _layout
 from .._library import MODE_BLUR, MODE_IDENTITY, MODE_MEAN, MODE_NONE, attention_out
-from ..torch_ops.guided_attention import _put, _take
+from ..torch_ops.guided_attention import put_items, take_items
 from .gaussian_blur_2d import Geometry, blur_into, device_guard, index_tensor, spatial_sums
 
 STRATEGIES = ("fused", "sdpa")
@@ -389,14 +389,15 @@ def guided_attention(q, k, v, modes, sigmas, kernel_sizes, grid_h, grid_w, text_
     if strategy == "sdpa":
         attended = [i for i, c in enumerate(codes) if c in (FULL, BLUR)]
         if attended:
-            q_att = _take(q, attended)
+            q_att = take_items(q, attended)
             if qb is not None:
                 q_att = q_att.clone()
                 for j, i in enumerate(attended):
                     if codes[i] == BLUR:
                         q_att[j, :, img0:img0 + n_img].copy_(qb[slots[i]])
-            result = F.scaled_dot_product_attention(q_att, _take(k, attended), _take(v, attended), scale=scale)
-            _put(out, attended, slice(None), result)
+            k_att, v_att = take_items(k, attended), take_items(v, attended)
+            result = F.scaled_dot_product_attention(q_att, k_att, v_att, scale=scale)
+            put_items(out, attended, slice(None), result)
             for i in attended:
                 codes[i] = SKIP
         if all(c == SKIP for c in codes):
