@@ -227,3 +227,41 @@ def guided_attention(q: Tensor, k: Tensor, v: Tensor, modes: list[int], sigmas: 
 @guided_attention.register_fake
 def _(q, k, v, modes, sigmas, kernel_sizes, grid_h, grid_w, text_tokens, text_before, scale, layout, backend):
     return attention_out(q, layout)
+
+
+# Gradients: these ops run inside models (a diffusers UNet under torch.compile traces them with its
+# parameters requiring grad), so they have an autograd formula. It recomputes the forward with the
+# torch backend's differentiable formulation (functional torch ops, same algorithmic short-cuts)
+# and takes its vector-Jacobian product: exact gradients, at the speed of plain PyTorch.
+
+
+def _vjp(name: str, tensors: tuple, static: tuple, grad: Tensor) -> tuple:
+    fn = implementation(name, "torch", "differentiable")
+    _, pullback = torch.func.vjp(lambda *t: fn(*t, *static), *tensors)
+    return pullback(grad)
+
+
+def _blur_setup(ctx, inputs, output):
+    x, *static = inputs
+    ctx.static = tuple(static[:-1])  # drop the backend
+    ctx.save_for_backward(x)
+
+
+def _blur_backward(ctx, grad):
+    (x,) = ctx.saved_tensors
+    (gx,) = _vjp("gaussian_blur_2d", (x,), ctx.static, grad)
+    return (gx,) + (None,) * 6
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, *static = inputs
+    ctx.static = tuple(static[:-2])  # drop layout and backend
+    ctx.save_for_backward(q, k, v)
+
+
+def _attention_backward(ctx, grad):
+    return _vjp("guided_attention", ctx.saved_tensors, ctx.static, grad) + (None,) * 10
+
+
+gaussian_blur_2d.register_autograd(_blur_backward, setup_context=_blur_setup)
+guided_attention.register_autograd(_attention_backward, setup_context=_attention_setup)

@@ -373,8 +373,9 @@ def guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modes, s
                                                                         scale=scale))
             continue
         if mode == "blur":
-            qi = qi.clone()
-            qi[:, :, image] = blur_tokens(qi[:, :, image], sigmas[i], grid, "bhnd", sizes[i])
+            blurred = blur_tokens(qi[:, :, image], sigmas[i], grid, "bhnd", sizes[i])
+            qi = qi.clone()  # (blurred from the untouched q: the reference stays differentiable)
+            qi[:, :, image] = blurred
         elif mode != "none":
             raise ValueError(f"guided_attention: modes[{i}]: unknown mode {mode!r}")
         out.append(torch.nn.functional.scaled_dot_product_attention(qi, ki, vi, scale=scale))

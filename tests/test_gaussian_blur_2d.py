@@ -207,9 +207,25 @@ def test_raw_op_rejects_kernels_that_would_leave_the_grid(lane):
 # --------------------------------------------------------------------------- opcheck and compile
 
 
+def test_gradients_match_the_reference(lane):
+    backend, device = lane
+    for layout, shape, grid in CASES[:4]:
+        x = _x(shape, torch.float32, device).requires_grad_()
+        for sigma in (1.0, math.inf):
+            out = gk.gaussian_blur_2d(x, sigma, grid=grid, layout=layout, backend=backend)
+            grad = torch.randn_like(out)
+            (got,) = torch.autograd.grad(out, x, grad)
+            x64 = to64(x).requires_grad_()
+            k = None if sigma > R.SEG_INF_SIGMA else blur_kernel_size(sigma, grid)
+            (expect,) = torch.autograd.grad(_reference(x64, sigma, grid, layout, k), x64, to64(grad))
+            torch.testing.assert_close(to64(got), expect, rtol=1e-5, atol=1e-6, msg=f"{backend} {layout} σ={sigma}")
+
+
 def test_opcheck():
     op = torch.ops.guidance_kernels.gaussian_blur_2d
     torch.library.opcheck(op, (torch.randn(2, 3, 5, 7), 5, 7, "nchw", 5, 1.0, "torch"))
+    torch.library.opcheck(op, (torch.randn(2, 3, 5, 7, dtype=torch.float64, requires_grad=True), 5, 7, "nchw", 3,
+                               0.8, "torch"))
     torch.library.opcheck(op, (torch.randn(2, 35, 6), 5, 7, "bnc", 0, 0.0, "torch"))
     torch.library.opcheck(op, (torch.randn(2, 35, 2, 4).transpose(1, 2), 5, 7, "bhnd", 3, 0.7, "torch"))
 

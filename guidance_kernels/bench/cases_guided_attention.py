@@ -30,6 +30,7 @@ from .. import backends, reference
 from ..attention import blur_kernel_size, gaussian_blur_2d, guided_attention
 from .harness import Case, Provider
 
+OPS = ["guided_attention", "gaussian_blur_2d"]
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 
 

@@ -32,6 +32,16 @@ def weights(kernel_size: int, sigma: float, device: torch.device, dtype: torch.d
     return gaussian_kernel_1d(kernel_size, sigma).to(device=device, dtype=dtype)
 
 
+def _weights_for(img: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
+    # Real tensors use the cache; fake ones (the autograd formula traced by torch.compile, possibly
+    # wrapped by torch.func) build the weights in the tracing mode, which must never be cached.
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(img):
+        return gaussian_kernel_1d(kernel_size, sigma).to(device=img.device, dtype=img.dtype)
+    return weights(kernel_size, sigma, img.device, img.dtype)
+
+
 def separable_blur(img: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
     """Blur ``(B, C, H, W)`` (already in the compute dtype). ``kernel_size`` 0: the spatial mean,
     broadcast (a view); 1: ``img`` itself (the single weight is exactly 1)."""
@@ -40,7 +50,7 @@ def separable_blur(img: torch.Tensor, kernel_size: int, sigma: float) -> torch.T
     if kernel_size == 1:
         return img
     c = img.shape[1]
-    w = weights(kernel_size, sigma, img.device, img.dtype)
+    w = _weights_for(img, kernel_size, sigma)
     pad = kernel_size // 2
     x = F.pad(img, (pad, pad, 0, 0), mode="reflect")
     x = F.conv2d(x, w.view(1, 1, 1, kernel_size).expand(c, 1, 1, kernel_size), groups=c)
@@ -57,3 +67,10 @@ def gaussian_blur_2d(x, grid_h, grid_w, layout, kernel_size, sigma):
     if kernel_size > 1 and blurred.dtype == out.dtype and blurred.stride() == out.stride():
         return blurred  # the convolution's fresh output already has the output layout: no extra pass
     return out.copy_(blurred)
+
+
+def differentiable(x, grid_h, grid_w, layout, kernel_size, sigma):
+    """The same function in functional torch ops, for the op's autograd formula (the blur and the
+    mean are linear maps; their vector-Jacobian product is taken through this)."""
+    img = tokens_to_image(x.to(compute_dtype(x)), (grid_h, grid_w), layout)
+    return image_to_tokens(separable_blur(img, kernel_size, sigma), x, layout).to(x.dtype)

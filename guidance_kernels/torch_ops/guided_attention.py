@@ -114,3 +114,45 @@ def guided_attention(q, k, v, modes, sigmas, kernel_sizes, grid_h, grid_w, text_
         else:
             raise ValueError(f"guided_attention: unknown internal mode {mode}")
     return out
+
+
+def _blurred(q, img, size, sigma, grid_h, grid_w):
+    """q with its image rows blurred (functional: concatenation, no in-place writes)."""
+    b, heads, _, d = q.shape
+    rows = q[:, :, img]
+    image = rows.to(compute_dtype(q)).permute(0, 1, 3, 2).reshape(b, heads * d, grid_h, grid_w)
+    image = separable_blur(image, size, sigma).reshape(b, heads, d, -1).permute(0, 1, 3, 2).to(q.dtype)
+    return torch.cat([q[:, :, :img.start], image, q[:, :, img.stop:]], dim=2)
+
+
+def differentiable(q, k, v, modes, sigmas, kernel_sizes, grid_h, grid_w, text_tokens, text_before, scale):
+    """The same function as :func:`guided_attention` in functional torch ops (each item computed
+    on its own and concatenated): the forward that the op's autograd formula differentiates."""
+    nq = q.shape[2]
+    n_img = nq - text_tokens
+    img = slice(text_tokens, nq) if text_before else slice(0, n_img)
+    txt = slice(0, text_tokens) if text_before else slice(n_img, nq)
+
+    def in_order(image_rows, text_rows):
+        return torch.cat([text_rows, image_rows] if text_before else [image_rows, text_rows], dim=2)
+
+    outs = []
+    for i, mode in enumerate(modes):
+        qi, ki, vi = q[i:i + 1], k[i:i + 1], v[i:i + 1]
+        if mode == MODE_NONE:
+            out = _sdpa(qi, ki, vi, scale)
+        elif mode == MODE_BLUR:
+            out = _sdpa(_blurred(qi, img, kernel_sizes[i], sigmas[i], grid_h, grid_w), ki, vi, scale)
+        elif mode == MODE_MEAN:
+            row = _mean_row(qi[:, :, img], ki, vi, scale).to(q.dtype)
+            out = in_order(row.expand(-1, -1, n_img, -1), _sdpa(qi[:, :, txt], ki, vi, scale))
+        elif mode == MODE_IDENTITY and text_tokens == 0:
+            out = vi
+        elif mode == MODE_IDENTITY:
+            rows = _joint_identity_rows(qi[:, :, img], ki[:, :, img], vi[:, :, img], ki[:, :, txt], vi[:, :, txt],
+                                        scale).to(q.dtype)
+            out = in_order(rows, _sdpa(qi[:, :, txt], ki, vi, scale))
+        else:
+            raise ValueError(f"guided_attention: unknown internal mode {mode}")
+        outs.append(out)
+    return torch.cat(outs)
