@@ -18,9 +18,11 @@ if [ "${GK_SKIP_COMPAT:-0}" = "0" ] && ! has_gpu; then
     echo "[test] creating $COMPAT (torch 2.13 CPU + triton 3.6)"
     "$GK_PYTHON" -m venv "$COMPAT"
     "$COMPAT/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-    # numpy < 2.3: Triton 3.6's interpreter relies on behaviour numpy 2.3 removed.
-    "$COMPAT/bin/python" -m pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.3" pytest hypothesis diffusers
   fi
+  # numpy < 2.3: Triton 3.6's interpreter relies on behaviour numpy 2.3 removed. The package's own
+  # [test] extras (diffusers, transformers, ...) so that this lane runs the same tests as the main one.
+  "$COMPAT/bin/python" -m pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.3" setuptools wheel
+  "$COMPAT/bin/python" -m pip install -q --no-build-isolation -e "$GK_ROOT[test]" "numpy<2.3"
   echo "[test] Triton 3.6 lanes (interpreter + AOT compile)"
   PYTHONPATH="$GK_ROOT" "$COMPAT/bin/python" -m pytest tests -k "triton or compile_lanes" "$@"
 fi
