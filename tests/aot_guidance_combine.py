@@ -2,7 +2,6 @@
 
 import torch
 
-import guidance_kernels as gk
 from guidance_kernels.triton import guidance_combine as K
 
 

@@ -5,13 +5,10 @@ Tiny random-weight models are built in the tests (no network); fp32 comparisons 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-import guidance_kernels as gk
 from guidance_kernels import reference as R
 from guidance_kernels.integrations import diffusers as gkd
 from tiny_models import sd3, sd3_inputs, unet_inputs, unet_sd, unet_sdxl

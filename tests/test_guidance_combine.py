@@ -11,7 +11,7 @@ import torch
 import guidance_kernels as gk
 from guidance_kernels import reference as R
 from conftest import LANES, lane_id
-from helpers import DTYPES, LAYOUTS, assert_close_to_truth, make_strided, max_err, to64
+from helpers import DTYPES, LAYOUTS, assert_close_to_truth, make_strided, to64
 
 SHAPES = [(1, 4, 5, 7), (2, 3, 9, 11), (3, 16, 33), (2, 1)]
 

@@ -122,7 +122,6 @@ def test_fp32_plain_combine_is_bit_exact(shape):
 def test_vector_and_strided_paths_agree_bitwise(dtype):
     """Both paths form the same groups of eight and do the same arithmetic: shifting the data by one
     element (pointers no longer 16-byte aligned: strided path) changes no bit."""
-    shape = (2, 4, 40, 48)
     numel = 3 * 2 * 4 * 40 * 48
     aligned = torch.randn(numel, device="cuda").to(dtype).view(6, 4, 40, 48)
     shifted = torch.empty(numel + 1, device="cuda", dtype=dtype)[1:].view(6, 4, 40, 48).copy_(aligned)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,15 +24,11 @@ import torch
 import guidance_kernels as gk
 from guidance_kernels import _extension, _layout, backends
 from guidance_kernels import reference as R
-from helpers import DTYPES, LAYOUTS, assert_close_to_truth, make_strided, needs, to64
+import host_lane
+from host_lane import FMT, from_bits, storage, to_bits
+from helpers import DTYPES, LAYOUTS, assert_close_to_truth, make_strided, to64
 
-HERE = Path(__file__).resolve().parent
-SOURCE = HERE / "host" / "guidance_combine_host.cpp"
-INCLUDE = HERE.parent / "csrc" / "include"
-CXX_FLAGS = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-strict-aliasing"]
-
-FMT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
-INT_VIEW = {4: torch.int32, 2: torch.int16}
+NAME = "guidance_combine_host"
 
 
 class Host:
@@ -46,43 +40,15 @@ class Host:
         self.tile, self.group, self.threads, self.row = (int(x) for x in line.split()[1:])
 
     def run(self, request: str) -> list[str]:
-        proc = subprocess.run([str(self.exe)], input=request, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        return [line for line in proc.stdout.splitlines() if line]
-
-
-def _compile(command: list[str]) -> None:
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, " ".join(command) + "\n" + proc.stderr[-4000:]
+        return host_lane.run(self.exe, request)
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory) -> Host:
-    needs(shutil.which("g++") is not None, "g++ is not on PATH")
-    exe = tmp_path_factory.mktemp("host") / "guidance_combine_host"
-    _compile(["g++", *CXX_FLAGS, "-Wall", "-Wextra", "-Werror", f"-I{INCLUDE}", str(SOURCE), "-o", str(exe)])
-    return Host(exe)
+    return Host(host_lane.build_gxx(NAME, tmp_path_factory.mktemp("host")))
 
 
 # --------------------------------------------------------------------------- serialising a launch
-
-
-def _bits(flat: torch.Tensor) -> str:
-    size = flat.element_size()
-    ints = flat.contiguous().view(INT_VIEW[size]).to(torch.int64) & ((1 << (8 * size)) - 1)
-    return " ".join(f"{v:x}" for v in ints.tolist())
-
-
-def _from_bits(words: list[str], dtype: torch.dtype) -> torch.Tensor:
-    size = torch.empty((), dtype=dtype).element_size()
-    ints = torch.tensor([int(w, 16) for w in words], dtype=torch.int64)
-    ints = torch.where(ints >= 1 << (8 * size - 1), ints - (1 << (8 * size)), ints)
-    return ints.to(INT_VIEW[size]).view(dtype)
-
-
-def _storage(t: torch.Tensor, count: int) -> torch.Tensor:
-    """The ``count`` storage elements from ``t``'s data pointer on (what a kernel can address)."""
-    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), (count,), (1,))
 
 
 def _max_offset(geometry: list[int]) -> int:
@@ -94,11 +60,11 @@ def _tensor_field(t: torch.Tensor, geometry: list[int]) -> str:
     count = _max_offset(geometry) + 1
     available = t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
     assert count <= available, "the plan addresses elements outside the storage (the launcher rejects this)"
-    return f"{count} {_bits(_storage(t, count))}"
+    return f"{count} {to_bits(storage(t, count))}"
 
 
 def _dense_field(t: torch.Tensor) -> str:
-    return f"{t.numel()} {_bits(_storage(t, t.numel()))}"
+    return f"{t.numel()} {to_bits(storage(t, t.numel()))}"
 
 
 def _scale_field(number: float, tensor: torch.Tensor | None, batch: int) -> str:
@@ -107,7 +73,7 @@ def _scale_field(number: float, tensor: torch.Tensor | None, batch: int) -> str:
         return f"n {float(number).hex()}"
     stride = 0 if tensor.numel() == 1 else tensor.stride(0)
     count = (batch - 1) * stride + 1 if stride else 1
-    return f"t {count} {stride} " + " ".join(float(v).hex() for v in _storage(tensor, count).tolist())
+    return f"t {count} {stride} " + " ".join(float(v).hex() for v in storage(tensor, count).tolist())
 
 
 class FakeExtension:
@@ -143,7 +109,7 @@ class FakeExtension:
         lines += [f"{p} {n} {_scale_field(v, t, batch)}" for p, n, v, t in zip(pos, neg, scales, scale_tensors)]
         lines.append(f"rescale {int(rescale)} {ref} {_scale_field(phi, phi_tensor, batch)}")
         (reply,) = self._run(f"combine fmt {FMT[out.dtype]} vec {{vec}}", geometry, lines, [*xs, out])
-        _storage(out, out.numel()).copy_(_from_bits(reply.split()[2:], out.dtype))
+        storage(out, out.numel()).copy_(from_bits(reply.split()[2:], out.dtype))
 
     def projected_combine(self, out, cond, uncond, momentum_buffer, kind, formulation, scale, scale_tensor, eta,
                           norm_threshold, momentum, rescale, phi, phi_tensor, geometry, parts, chunk):
@@ -159,9 +125,9 @@ class FakeExtension:
         buf_fmt = FMT[buf.dtype] if buf is not None else "none"
         head = f"projected kind {kind} fmt {FMT[out.dtype]} buf {buf_fmt} vec {{vec}}"
         replies = self._run(head, geometry, lines, [cond, uncond, out] + ([buf] if buf is not None else []))
-        _storage(out, out.numel()).copy_(_from_bits(replies[0].split()[2:], out.dtype))
+        storage(out, out.numel()).copy_(from_bits(replies[0].split()[2:], out.dtype))
         if buf is not None:
-            _storage(buf, buf.numel()).copy_(_from_bits(replies[1].split()[2:], buf.dtype))
+            storage(buf, buf.numel()).copy_(from_bits(replies[1].split()[2:], buf.dtype))
 
 
 @pytest.fixture
@@ -450,11 +416,7 @@ def test_moments_chan_merge_matches_two_pass(host, offset, tolerance, parts):
 
 def test_nvcc_host_build_agrees_with_gxx(host, tmp_path, monkeypatch):
     """The header compiled as CUDA (nvcc's host pass, __CUDACC__ defined) computes the same bits."""
-    needs(shutil.which("nvcc") is not None, "nvcc is not on PATH")
-    exe = tmp_path / "guidance_combine_host_nvcc"
-    _compile(["nvcc", "-x", "cu", *CXX_FLAGS[:2], "-Xcompiler", "-ffp-contract=off,-fno-strict-aliasing",
-              "--expt-relaxed-constexpr", f"-I{INCLUDE}", str(SOURCE), "-o", str(exe)])
-    other = Host(exe)
+    other = Host(host_lane.build_nvcc_host(NAME, tmp_path))
     assert (other.tile, other.group, other.threads, other.row) == (host.tile, host.group, host.threads, host.row)
     monkeypatch.setattr(backends, "select", lambda op, tensor, facts=(), backend=None: "cuda")
     u, c, p = _branches(3, (2, 4, 12, 10), torch.bfloat16, seed=11)

@@ -11,8 +11,6 @@ F.pad(mode="reflect") and F.interpolate(mode="nearest").
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -22,48 +20,19 @@ import torch.nn.functional as F
 import guidance_kernels as gk
 from guidance_kernels import _extension, backends
 from guidance_kernels import reference as R
-from helpers import DTYPES, assert_close_to_truth, make_strided, needs, to64
+import host_lane
+from host_lane import FMT, from_bits, storage, to_bits
+from helpers import DTYPES, assert_close_to_truth, make_strided, to64
 
-HERE = Path(__file__).resolve().parent
-SOURCE = HERE / "host" / "sag_degrade_host.cpp"
-INCLUDE = HERE.parent / "csrc" / "include"
-CXX_FLAGS = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-strict-aliasing"]
-FMT = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.uint8: "u8"}
-INT_VIEW = {4: torch.int32, 2: torch.int16, 1: torch.uint8}
 MAX_PLANES = 65535  # gridDim.z of the launcher
-
-
-def _run(exe: Path, request: str) -> list[str]:
-    proc = subprocess.run([str(exe)], input=request, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return [line for line in proc.stdout.splitlines() if line]
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory) -> Path:
-    needs(shutil.which("g++") is not None, "g++ is not on PATH")
-    exe = tmp_path_factory.mktemp("host") / "sag_degrade_host"
-    proc = subprocess.run(["g++", *CXX_FLAGS, "-Wall", "-Wextra", "-Werror", f"-I{INCLUDE}", str(SOURCE), "-o",
-                           str(exe)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return exe
+    return host_lane.build_gxx("sag_degrade_host", tmp_path_factory.mktemp("host"))
 
 
 # --------------------------------------------------------------------------- serialising a launch
-
-
-def _bits(flat: torch.Tensor) -> str:
-    size = flat.element_size()
-    ints = flat.contiguous().view(INT_VIEW[size]).to(torch.int64) & ((1 << (8 * size)) - 1)
-    return " ".join(f"{v:x}" for v in ints.tolist())
-
-
-def _from_bits(words: list[str], dtype: torch.dtype) -> torch.Tensor:
-    size = torch.empty((), dtype=dtype).element_size()
-    ints = torch.tensor([int(w, 16) for w in words], dtype=torch.int64)
-    if size < 8:
-        ints = torch.where(ints >= 1 << (8 * size - 1), ints - (1 << (8 * size)), ints) if size > 1 else ints
-    return ints.to(INT_VIEW[size]).view(dtype)
 
 
 def _span(t: torch.Tensor) -> int:
@@ -71,13 +40,9 @@ def _span(t: torch.Tensor) -> int:
     return sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1 if t.numel() else 0
 
 
-def _storage(t: torch.Tensor, count: int) -> torch.Tensor:
-    return torch.empty(0, dtype=t.dtype).set_(t.untyped_storage(), t.storage_offset(), (count,), (1,))
-
-
 def _field(t: torch.Tensor) -> str:
     count = _span(t)
-    return f"{count} {_bits(_storage(t, count))} {' '.join(map(str, t.stride()))}"
+    return f"{count} {to_bits(storage(t, count))} {' '.join(map(str, t.stride()))}"
 
 
 class FakeExtension:
@@ -100,23 +65,23 @@ class FakeExtension:
         else:
             stride = 0 if alpha.numel() == 1 else alpha.stride(0)
             count = (x0.shape[0] - 1) * stride + 1 if stride else 1
-            alpha_field = f"t {count} {stride} " + " ".join(float(v).hex() for v in _storage(alpha, count).tolist())
+            alpha_field = f"t {count} {stride} " + " ".join(float(v).hex() for v in storage(alpha, count).tolist())
         lines = [f"degrade fmt {FMT[x0.dtype]} map {FMT[mask_map.dtype]} grid_z {grid_z}",
                  "shape " + " ".join(map(str, x0.shape)),
                  f"x0 {_field(x0)}",
                  f"other some {_field(other)}" if other is not None else "other none",
                  f"out {_span(out)} {' '.join(map(str, out.stride()))} degraded {int(degraded is not None)}",
                  f"mask {' '.join(map(str, mask_map.shape))} {' '.join(map(str, mask_map.stride()))} "
-                 f"{_span(mask_map)} {_bits(_storage(mask_map, _span(mask_map)))}",
+                 f"{_span(mask_map)} {to_bits(storage(mask_map, _span(mask_map)))}",
                  f"alpha {alpha_field}",
                  f"params {int(thresholded)} {float(threshold).hex()} {renoise} {len(weights)} "
                  + " ".join(float(w).hex() for w in weights),
                  "end"]
-        replies = _run(self.exe, "\n".join(lines))
+        replies = host_lane.run(self.exe, "\n".join(lines))
         targets = [out] + ([degraded] if degraded is not None else [])
         for reply, target in zip(replies, targets):
             words = reply.split()
-            _storage(target, int(words[1])).copy_(_from_bits(words[2:], target.dtype))
+            storage(target, int(words[1])).copy_(from_bits(words[2:], target.dtype))
 
 
 @pytest.fixture
@@ -151,7 +116,7 @@ def test_index_math_matches_torch(host):
     """reflect_index equals F.pad(mode="reflect") within one reflection (in bounds beyond it);
     nearest_source_index equals F.interpolate(mode="nearest") for every size pair up to 40 → 80."""
     reflect, nearest = {}, {}
-    for line in _run(host, "index"):
+    for line in host_lane.run(host, "index"):
         kind, *vals = line.split()
         vals = [int(v) for v in vals]
         if kind == "r":

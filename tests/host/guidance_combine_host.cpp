@@ -10,10 +10,10 @@
 // float.hex / float.fromhex), tensor storage as hex bit patterns.
 #include <guidance_kernels/guidance_combine.cuh>
 
+#include "host_io.hpp"
+
 #include <cinttypes>
 #include <cstdio>
-#include <cstdlib>
-#include <iostream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -21,66 +21,12 @@
 namespace gk = guidance_kernels;
 namespace gc = guidance_kernels::combine;
 using gk::Fmt;
+using host_io::fmt_bytes;
+using host_io::read_fmt;
+using host_io::Reader;
+using host_io::Storage;
 
 namespace {
-
-struct Reader {
-  std::istream& in;
-  std::string word() {
-    std::string w;
-    if (!(in >> w)) throw std::runtime_error("unexpected end of input");
-    return w;
-  }
-  void expect(const char* w) {
-    const std::string got = word();
-    if (got != w) throw std::runtime_error("expected '" + std::string(w) + "', got '" + got + "'");
-  }
-  int64_t i64() { return std::strtoll(word().c_str(), nullptr, 10); }
-  double f64() { return std::strtod(word().c_str(), nullptr); }
-  uint32_t bits() { return static_cast<uint32_t>(std::strtoul(word().c_str(), nullptr, 16)); }
-};
-
-Fmt read_fmt(Reader& r) {
-  const std::string w = r.word();
-  if (w == "f32") return Fmt::F32;
-  if (w == "f16") return Fmt::F16;
-  if (w == "bf16") return Fmt::BF16;
-  if (w == "none") return Fmt::None;
-  throw std::runtime_error("unknown format " + w);
-}
-
-int fmt_bytes(Fmt f) { return f == Fmt::F32 ? 4 : 2; }
-
-// Tensor storage as raw element bits, 16-byte aligned like a CUDA allocation.
-struct Storage {
-  std::vector<gk::Raw16> mem;
-  int64_t count = 0;
-  int bytes = 4;
-  void* data() { return mem.data(); }
-  void read(Reader& r, Fmt f) {
-    bytes = fmt_bytes(f);
-    count = r.i64();
-    mem.assign(static_cast<size_t>(count * bytes / 16 + 1), gk::Raw16{0, 0, 0, 0});
-    for (int64_t i = 0; i < count; ++i) put(i, r.bits());
-  }
-  void put(int64_t i, uint32_t v) {
-    char* base = static_cast<char*>(data());
-    if (bytes == 4) {
-      reinterpret_cast<uint32_t*>(base)[i] = v;
-    } else {
-      reinterpret_cast<uint16_t*>(base)[i] = static_cast<uint16_t>(v);
-    }
-  }
-  uint32_t get(int64_t i) {
-    char* base = static_cast<char*>(data());
-    return bytes == 4 ? reinterpret_cast<uint32_t*>(base)[i] : reinterpret_cast<uint16_t*>(base)[i];
-  }
-  void print(const char* name) {
-    std::printf("%s %" PRId64, name, count);
-    for (int64_t i = 0; i < count; ++i) std::printf(" %x", get(i));
-    std::printf("\n");
-  }
-};
 
 gk::Geometry read_geometry(Reader& r, int64_t* n0 = nullptr) {
   r.expect("geometry");
@@ -182,7 +128,7 @@ void run_combine(Reader& r) {
   p.nslots = static_cast<int32_t>(r.i64());
   std::vector<Storage> slots(p.nslots);
   for (int k = 0; k < p.nslots; ++k) {
-    slots[k].read(r, f);
+    slots[k].read(r, fmt_bytes(f));
     p.x[k] = slots[k].data();
   }
   r.expect("base");
@@ -204,9 +150,7 @@ void run_combine(Reader& r) {
   p.one_minus_phi = static_cast<float>(1.0 - phi);  // as the launcher rounds it
   r.expect("end");
   Storage out;
-  out.bytes = fmt_bytes(f);
-  out.count = geo.batch * geo.inner;
-  out.mem.assign(static_cast<size_t>(out.count * out.bytes / 16 + 1), gk::Raw16{0, 0, 0, 0});
+  out.allocate(geo.batch * geo.inner, fmt_bytes(f));
   p.out = out.data();
   p.out_vector = geo.inner % gk::kGroup == 0;
   switch (f) {
@@ -284,7 +228,7 @@ void run_projected(Reader& r) {
   r.expect("fmt");
   const Fmt f = read_fmt(r);
   r.expect("buf");
-  const Fmt fb = read_fmt(r);
+  const Fmt fb = read_fmt(r, /*allow_none=*/true);
   r.expect("vec");
   const bool vec = r.i64() != 0;
   gc::ProjectedParams p{};
@@ -294,14 +238,14 @@ void run_projected(Reader& r) {
   p.chunk = r.i64();
   Storage cond, uncond, buf;
   r.expect("cond");
-  cond.read(r, f);
+  cond.read(r, fmt_bytes(f));
   r.expect("uncond");
-  uncond.read(r, f);
+  uncond.read(r, fmt_bytes(f));
   p.cond = cond.data();
   p.uncond = uncond.data();
   if (fb != Fmt::None) {
     r.expect("buffer");
-    buf.read(r, fb);
+    buf.read(r, fmt_bytes(fb));
     p.buf = buf.data();
   }
   r.expect("formulation");
@@ -325,9 +269,7 @@ void run_projected(Reader& r) {
   p.one_minus_phi = static_cast<float>(1.0 - phi);
   r.expect("end");
   Storage out;
-  out.bytes = fmt_bytes(f);
-  out.count = p.geo.batch * p.geo.inner;
-  out.mem.assign(static_cast<size_t>(out.count * out.bytes / 16 + 1), gk::Raw16{0, 0, 0, 0});
+  out.allocate(p.geo.batch * p.geo.inner, fmt_bytes(f));
   p.out = out.data();
   p.out_vector = p.geo.inner % gk::kGroup == 0;
   switch (f) {

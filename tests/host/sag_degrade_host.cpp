@@ -19,10 +19,10 @@
 //   end
 #include <guidance_kernels/sag_degrade.cuh>
 
+#include "host_io.hpp"
+
 #include <cinttypes>
 #include <cstdio>
-#include <cstdlib>
-#include <iostream>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -32,70 +32,12 @@ namespace gk = guidance_kernels;
 namespace gs = guidance_kernels::sag;
 using gk::Fmt;
 using gs::MapFmt;
+using host_io::fmt_bytes;
+using host_io::read_fmt;
+using host_io::Reader;
+using host_io::Storage;
 
 namespace {
-
-struct Reader {
-  std::istream& in;
-  std::string word() {
-    std::string w;
-    if (!(in >> w)) throw std::runtime_error("unexpected end of input");
-    return w;
-  }
-  void expect(const char* w) {
-    const std::string got = word();
-    if (got != w) throw std::runtime_error("expected '" + std::string(w) + "', got '" + got + "'");
-  }
-  int64_t i64() { return std::strtoll(word().c_str(), nullptr, 10); }
-  double f64() { return std::strtod(word().c_str(), nullptr); }
-  uint32_t bits() { return static_cast<uint32_t>(std::strtoul(word().c_str(), nullptr, 16)); }
-};
-
-// Tensor storage as raw element bits (1, 2 or 4 bytes per element).
-struct Storage {
-  std::vector<uint32_t> mem;  // 4-byte aligned backing
-  int64_t count = 0;
-  int bytes = 4;
-  void* data() { return mem.data(); }
-  void allocate(int64_t n, int element_bytes) {
-    count = n;
-    bytes = element_bytes;
-    mem.assign(static_cast<size_t>((n * bytes + 3) / 4 + 1), 0u);
-  }
-  void read(Reader& r, int element_bytes) {
-    allocate(r.i64(), element_bytes);
-    for (int64_t i = 0; i < count; ++i) put(i, r.bits());
-  }
-  void put(int64_t i, uint32_t v) {
-    char* base = static_cast<char*>(data());
-    if (bytes == 4) {
-      reinterpret_cast<uint32_t*>(base)[i] = v;
-    } else if (bytes == 2) {
-      reinterpret_cast<uint16_t*>(base)[i] = static_cast<uint16_t>(v);
-    } else {
-      reinterpret_cast<uint8_t*>(base)[i] = static_cast<uint8_t>(v);
-    }
-  }
-  uint32_t get(int64_t i) {
-    char* base = static_cast<char*>(data());
-    if (bytes == 4) return reinterpret_cast<uint32_t*>(base)[i];
-    if (bytes == 2) return reinterpret_cast<uint16_t*>(base)[i];
-    return reinterpret_cast<uint8_t*>(base)[i];
-  }
-  void print(const char* name) {
-    std::printf("%s %" PRId64, name, count);
-    for (int64_t i = 0; i < count; ++i) std::printf(" %x", get(i));
-    std::printf("\n");
-  }
-};
-
-Fmt read_fmt(Reader& r) {
-  const std::string w = r.word();
-  if (w == "f32") return Fmt::F32;
-  if (w == "f16") return Fmt::F16;
-  if (w == "bf16") return Fmt::BF16;
-  throw std::runtime_error("unknown format " + w);
-}
 
 MapFmt read_map_fmt(Reader& r) {
   const std::string w = r.word();
@@ -106,7 +48,6 @@ MapFmt read_map_fmt(Reader& r) {
   throw std::runtime_error("unknown map format " + w);
 }
 
-int fmt_bytes(Fmt f) { return f == Fmt::F32 ? 4 : 2; }
 int map_bytes(MapFmt f) { return f == MapFmt::F32 ? 4 : (f == MapFmt::U8 ? 1 : 2); }
 
 void read_strides(Reader& r, int64_t* stride, int n) {
