@@ -19,6 +19,7 @@ Offsets are int64 in every kernel: video latents exceed 2**31 elements.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import prod
 
 import torch
@@ -26,6 +27,7 @@ import torch
 MAX_RANK = 3
 
 
+@lru_cache(maxsize=1024)  # a pure function of small tuples, on every call's path
 def output_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
     """Strides of the (B, …) output for inputs of this shape and layout: the inputs' own strides
     when they are dense (no gaps, no overlap; contiguous, channels-last, a batch slice of a dense

@@ -32,6 +32,7 @@ from .harness import Case, Provider
 
 OPS = ["guided_attention", "gaussian_blur_2d"]
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
+CPU_SDPA_BACKENDS = ("flash", "math")  # the others are CUDA-only
 
 
 def _sdpa_providers(q, k, v) -> list[Provider]:
@@ -44,7 +45,8 @@ def _sdpa_providers(q, k, v) -> list[Provider]:
         with sdpa_kernel([kinds[kind]]):
             return F.scaled_dot_product_attention(q, k, v)
 
-    return [Provider(f"sdpa[{kind}]", (lambda kind=kind: run(kind))) for kind in SDPA_BACKENDS]
+    available = SDPA_BACKENDS if q.is_cuda else CPU_SDPA_BACKENDS
+    return [Provider(f"sdpa[{kind}]", (lambda kind=kind: run(kind))) for kind in available]
 
 
 def _usable(op: str, x: torch.Tensor, facts: tuple = ()) -> list[str]:
