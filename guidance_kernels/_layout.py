@@ -27,7 +27,6 @@ import torch
 MAX_RANK = 3
 
 
-@lru_cache(maxsize=1024)  # a pure function of small tuples, on every call's path
 def output_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[int, ...]:
     """Strides of the (B, …) output for inputs of this shape and layout: the inputs' own strides
     when they are dense (no gaps, no overlap; contiguous, channels-last, a batch slice of a dense
@@ -50,9 +49,19 @@ def output_strides(shape: tuple[int, ...], strides: tuple[int, ...]) -> tuple[in
     return tuple(s if n != 1 else c for n, s, c in zip(shape, strides, contiguous))
 
 
+# Memoised for concrete shapes (every eager call's path); symbolic ones (tracing) are unhashable.
+_output_strides_cached = lru_cache(maxsize=1024)(output_strides)
+
+
+def _strides_for(shape: tuple, strides: tuple) -> tuple:
+    if all(type(n) is int for n in shape) and all(type(s) is int for s in strides):
+        return _output_strides_cached(shape, strides)
+    return output_strides(shape, strides)
+
+
 def output_like(branch: torch.Tensor) -> torch.Tensor:
     """An uninitialised output buffer for inputs shaped and laid out like ``branch``."""
-    return torch.empty_strided(branch.shape, output_strides(tuple(branch.shape), tuple(branch.stride())),
+    return torch.empty_strided(branch.shape, _strides_for(tuple(branch.shape), tuple(branch.stride())),
                                dtype=branch.dtype, device=branch.device)
 
 
