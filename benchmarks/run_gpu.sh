@@ -26,6 +26,9 @@ print(f"{major}.{minor}{'a' if (major, minor) == (9, 0) else ''}", name)
 PYEOF
 ) || exit 1
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$arch}"
+# torch guesses CUDA_HOME from nvcc's location; a wrapper on PATH can point it at a directory
+# without the CUDA libraries, so prefer the standard toolkit directory when it exists.
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then export CUDA_HOME=/usr/local/cuda; fi
 export GK_COMMIT="${GK_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 dir="${GK_RESULTS:-benchmarks/results/$(date -u +%Y%m%d)-$gpu-$GK_COMMIT}"
 mkdir -p "$dir"

@@ -2,27 +2,45 @@
 # Set up (scripts/setup.sh) and run the whole test suite.
 #
 # Lanes: reference/torch always; Triton interpreter and Triton AOT compile (sm_80/sm_90) without a
-# GPU; nvcc compile-only where nvcc exists; launcher compile where GK_TORCH_CUDA_INCLUDE points at a
-# CUDA torch's include dir; the GPU lane where a GPU exists. Then, on machines without a GPU, the
-# interpreter and AOT lanes again under Triton 3.6 (the version GPU images ship; GK_SKIP_COMPAT=1
-# skips it). Extra arguments go to pytest.
+# GPU; nvcc compile-only where nvcc exists; host emulation of the CUDA kernels where g++ exists; the
+# GPU lane where a GPU exists. On machines without a GPU the suite then runs a second time under
+# the versions GPU images ship — torch 2.11 (its CUDA build, which runs on a CPU) and Triton 3.6 —
+# in .venv-torch211, where it also builds the real CUDA extension (extension lane) and compiles the
+# launchers against that torch's CUDA headers (launcher lane). GK_SKIP_COMPAT=1 skips that second
+# run (it downloads a few GB once). Extra arguments go to pytest.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
 cd "$GK_ROOT"
-echo "[test] main suite"
-"$PY" -m pytest tests "$@"
 
+COMPAT=""
 if [ "${GK_SKIP_COMPAT:-0}" = "0" ] && ! has_gpu; then
-  COMPAT="${GK_COMPAT_VENV:-$GK_ROOT/.venv-triton36}"
+  COMPAT="${GK_COMPAT_VENV:-$GK_ROOT/.venv-torch211}"
   if [ ! -x "$COMPAT/bin/python" ]; then
-    echo "[test] creating $COMPAT (torch 2.13 CPU + triton 3.6)"
+    echo "[test] creating $COMPAT (torch 2.11 + triton 3.6, as on GPU images)"
     "$GK_PYTHON" -m venv "$COMPAT"
     "$COMPAT/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   fi
-  # numpy < 2.3: Triton 3.6's interpreter relies on behaviour numpy 2.3 removed. The package's own
-  # [test] extras (diffusers, transformers, ...) so that this lane runs the same tests as the main one.
-  "$COMPAT/bin/python" -m pip install -q torch==2.13.0 triton==3.6.0 "numpy<2.3" setuptools wheel
-  "$COMPAT/bin/python" -m pip install -q --no-build-isolation -e "$GK_ROOT[test]" "numpy<2.3"
-  echo "[test] Triton 3.6 lanes (interpreter + AOT compile)"
-  PYTHONPATH="$GK_ROOT" "$COMPAT/bin/python" -m pytest tests -k "triton or compile_lanes" "$@"
+  # numpy < 2.3: Triton 3.6's interpreter relies on behaviour numpy 2.3 removed. Plus the package's
+  # [test] extras (diffusers, transformers, ...) so that both runs execute the same tests; the package
+  # itself is used from the source tree (PYTHONPATH), not installed: installing it with this CUDA
+  # torch would build _C into the tree, where the main environment's torch cannot load it.
+  mapfile -t extras < <("$COMPAT/bin/python" - "$GK_ROOT/pyproject.toml" <<'PY'
+import re, sys
+block = re.search(r"^test\s*=\s*\[(.*?)\]", open(sys.argv[1]).read(), re.M | re.S).group(1)
+print("\n".join(re.findall(r'"([^"]+)"', block)))
+PY
+)
+  "$COMPAT/bin/python" -m pip install -q torch==2.11.0 triton==3.6.0 "numpy<2.3" setuptools wheel "${extras[@]}"
+  # The launcher lane compiles csrc/ against a CUDA torch's headers: that torch's.
+  : "${GK_TORCH_CUDA_INCLUDE:=$("$COMPAT/bin/python" -c \
+      'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))')}"
+  export GK_TORCH_CUDA_INCLUDE
+fi
+
+echo "[test] main suite ($("$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' 2>/dev/null || echo "$PY"))"
+"$PY" -m pytest tests "$@"
+
+if [ -n "$COMPAT" ]; then
+  echo "[test] the suite under torch 2.11 + triton 3.6 (+ extension lane)"
+  GK_EXPECT_CUDA_TORCH=1 PYTHONPATH="$GK_ROOT" "$COMPAT/bin/python" -m pytest tests "$@"
 fi

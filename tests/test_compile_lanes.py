@@ -10,8 +10,8 @@ extension's flags and ``-Xptxas -v``, whose report must list every kernel for bo
 spill, no stack frame (a run-time indexed register array) and at most 128 registers (two 256-thread
 blocks per SM).
 
-Launcher (GK_TORCH_CUDA_INCLUDE = the ``torch/include`` directory of a CUDA build of torch, e.g.
-extracted from the torch-2.11.0 manylinux wheel): ``csrc/*.cu`` compiled by nvcc (sm_90a only, to
+Launcher (GK_TORCH_CUDA_INCLUDE = the ``torch/include`` directory of a CUDA build of torch;
+scripts/test.sh points it at its torch 2.11 environment's): ``csrc/*.cu`` compiled by nvcc (sm_90a only, to
 stay fast) and ``csrc/*.cpp`` by g++ exactly as ``torch.utils.cpp_extension`` builds ``_C``, in
 parallel; the objects must link into one shared object that exports ``PyInit__C`` and leaves none of
 the package's own symbols undefined.
