@@ -20,6 +20,28 @@ from guidance_kernels.attention import blur_kernel_size
 from conftest import LANES, lane_id
 from helpers import DTYPES, assert_close_to_truth, to64
 
+# The triton backend has two strategies (triton/guided_attention.py): the tests of this module run
+# each triton lane under both, so the fused kernel and the SDPA route are checked alike. The `lane`
+# fixture takes (backend, device, strategy) — directly or through indirect parametrization — and
+# yields (backend, device) with that strategy in force.
+STRATEGY_LANES = [(b, d, s) for b, d in LANES for s in (("fused", "sdpa") if b == "triton" else (None,))]
+
+
+def strategy_lane_id(x) -> str:
+    return lane_id(x[:2]) + (f"-{x[2]}" if x[2] else "")
+
+
+@pytest.fixture(params=STRATEGY_LANES, ids=strategy_lane_id)
+def lane(request):
+    backend, device, strategy = request.param
+    if strategy is None:
+        yield backend, device
+        return
+    from guidance_kernels.triton.guided_attention import use_strategy
+
+    with use_strategy(strategy):
+        yield backend, device
+
 HEAD_DIMS = (40, 64, 80, 128, 160)
 
 
@@ -156,13 +178,13 @@ def test_reference_matches_diffusers_joint_pag(cfg):
 
 
 def _lanes_and_dtypes():
-    """Every lane × dtype, except bf16 in the Triton interpreter (its bf16 tl.dot is wrong; the
+    """Every lane (triton: × strategy) × dtype, except bf16 in the Triton interpreter (its bf16 tl.dot is wrong; the
     GPU lane checks bf16)."""
     out = []
-    for lane in LANES:
+    for lane in STRATEGY_LANES:
         for dtype in DTYPES:
-            if not (lane == ("triton", "cpu") and dtype == torch.bfloat16):
-                out.append(pytest.param(lane, dtype, id=f"{lane_id(lane)}-{str(dtype).replace('torch.', '')}"))
+            if not (lane[:2] == ("triton", "cpu") and dtype == torch.bfloat16):
+                out.append(pytest.param(lane, dtype, id=f"{strategy_lane_id(lane)}-{str(dtype).replace('torch.', '')}"))
     return out
 
 
@@ -170,7 +192,7 @@ LANE_DTYPES = _lanes_and_dtypes()
 MIXED = ["none", "identity", "blur", "blur"]
 
 
-@pytest.mark.parametrize("lane,dtype", LANE_DTYPES)
+@pytest.mark.parametrize("lane,dtype", LANE_DTYPES, indirect=["lane"])
 @pytest.mark.parametrize("d", HEAD_DIMS)
 def test_mixed_batch_matches_reference(lane, dtype, d):
     """[none, identity, blur σ, blur σ=∞] in one call, both layouts, every head dim."""
@@ -196,7 +218,7 @@ def test_mixed_batch_matches_reference(lane, dtype, d):
 GRIDS = [(4, 4), (3, 7), (7, 3), (1, 1), (1, 5)]
 
 
-@pytest.mark.parametrize("lane,dtype", LANE_DTYPES)
+@pytest.mark.parametrize("lane,dtype", LANE_DTYPES, indirect=["lane"])
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
 def test_grids_and_text_blocks(lane, dtype, grid):
     """Square, non-square (both ways), 1×1 and one-row grids, without text and with a text block
@@ -219,7 +241,7 @@ def test_grids_and_text_blocks(lane, dtype, grid):
                what=f"{backend} {grid} text={text_tokens} {position}")
 
 
-@pytest.mark.parametrize("lane,dtype", LANE_DTYPES)
+@pytest.mark.parametrize("lane,dtype", LANE_DTYPES, indirect=["lane"])
 def test_token_counts_beyond_one_tile(lane, dtype):
     """Image and text blocks spanning several query/key tiles, none a multiple of the tile size."""
     backend, device = lane
@@ -235,7 +257,7 @@ def test_token_counts_beyond_one_tile(lane, dtype):
                what=f"{backend} {position}")
 
 
-@pytest.mark.parametrize("lane,dtype", LANE_DTYPES)
+@pytest.mark.parametrize("lane,dtype", LANE_DTYPES, indirect=["lane"])
 def test_sigma_edge_cases(lane, dtype):
     """Tiny σ (a 1-tap kernel: plain attention), σ = 9999 (finite: a near-box blur capped by the
     grid), just above it and inf (the mean), a kernel SEG's rule makes larger than the grid, and
@@ -280,7 +302,7 @@ def test_strided_inputs(lane):
            what=f"{backend} strided")
 
 
-@pytest.mark.parametrize("lane,dtype", LANE_DTYPES)
+@pytest.mark.parametrize("lane,dtype", LANE_DTYPES, indirect=["lane"])
 def test_cross_attention_and_scale(lane, dtype):
     backend, device = lane
     q, _, _ = _qkv(2, 3, 37, 64, dtype, device, seed=11)
