@@ -16,19 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .._layout import output_like
-from .._sag_plan import blur_weights
-
-
-def _blur(x: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:
-    """Depthwise separable blur of (B, C, H, W) with reflect padding (rows, then columns)."""
-    if kernel_size == 1:
-        return x
-    channels = x.shape[1]
-    w = torch.tensor(blur_weights(kernel_size, sigma), dtype=x.dtype, device=x.device)
-    r = kernel_size // 2
-    x = F.pad(x, [r, r, r, r], mode="reflect")
-    x = F.conv2d(x, w.view(1, 1, 1, -1).expand(channels, 1, 1, kernel_size), groups=channels)
-    return F.conv2d(x, w.view(1, 1, -1, 1).expand(channels, 1, kernel_size, 1), groups=channels)
+from .gaussian_blur_2d import separable_blur
 
 
 def sag_degrade(x0, mask_map, thresholded, threshold, kernel_size, sigma, renoise, alpha, alpha_tensor, other,
@@ -42,7 +30,7 @@ def sag_degrade(x0, mask_map, thresholded, threshold, kernel_size, sigma, renois
     m = mask_map.to(dtype)
     m = (m > threshold).to(dtype) if thresholded else m
     m = F.interpolate(m.unsqueeze(1), (height, width), mode="nearest")
-    degraded = _blur(x, kernel_size, sigma) * m + x * (1 - m)
+    degraded = separable_blur(x, kernel_size, sigma) * m + x * (1 - m)
     if renoise == "ddpm":
         a = alpha_tensor.to(dtype) if alpha_tensor is not None else torch.tensor([alpha], dtype=torch.float32,
                                                                                 device=x.device).to(dtype)
