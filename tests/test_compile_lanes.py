@@ -143,6 +143,7 @@ def nvcc_report(tmp_path_factory):
     return report
 
 
+@pytest.mark.nvcc
 def test_nvcc_compiles_every_kernel_for_sm80_and_sm90a(nvcc_report):
     for name, (expected, records) in nvcc_report.items():
         for target in NVCC_TARGETS:
@@ -150,6 +151,7 @@ def test_nvcc_compiles_every_kernel_for_sm80_and_sm90a(nvcc_report):
             assert len(kernels) == expected, f"{name}: {len(kernels)} kernels for {target}, expected {expected}"
 
 
+@pytest.mark.nvcc
 def test_nvcc_kernels_do_not_spill(nvcc_report):
     bad = [f"{name} {r['kernel']} {r['target']}: registers={r.get('registers')} stack={r.get('stack')} "
            f"spills={r.get('spill_stores')}/{r.get('spill_loads')}"
@@ -189,12 +191,14 @@ def launcher_objects(tmp_path_factory):
     return out, objects
 
 
+@pytest.mark.nvcc
 def test_launchers_compile_against_torch_cuda_headers(launcher_objects):
     _, objects = launcher_objects
     assert {o.name for o in objects} >= {"guidance_combine.cu.o", "_C.cpp.o"}
     assert all(o.is_file() and o.stat().st_size > 0 for o in objects)
 
 
+@pytest.mark.nvcc
 def test_launcher_objects_link_into_the_extension(launcher_objects):
     out, objects = launcher_objects
     library = out / "_C.so"

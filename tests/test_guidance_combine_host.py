@@ -414,6 +414,7 @@ def test_moments_chan_merge_matches_two_pass(host, offset, tolerance, parts):
 # --------------------------------------------------------------------------- nvcc's host pass
 
 
+@pytest.mark.nvcc
 def test_nvcc_host_build_agrees_with_gxx(host, tmp_path, monkeypatch):
     """The header compiled as CUDA (nvcc's host pass, __CUDACC__ defined) computes the same bits."""
     other = Host(host_lane.build_nvcc_host(NAME, tmp_path))
