@@ -18,7 +18,7 @@ from guidance_kernels import backends
 from guidance_kernels import reference as R
 from guidance_kernels.attention import blur_kernel_size
 from conftest import LANES, lane_id
-from helpers import DTYPES, assert_close_to_truth, to64
+from helpers import DTYPES, assert_close_to_truth, needs, to64
 
 # The triton backend has two strategies (triton/guided_attention.py): the tests of this module run
 # each triton lane under both, so the fused kernel and the SDPA route are checked alike. The `lane`
@@ -378,6 +378,37 @@ def test_raw_op_rejects_inputs_the_kernel_cannot_address(lane):
         op(q, k, v, [L.MODE_NONE, L.MODE_IDENTITY], [0.0, 0.0], [0, 0], 1, 12, 0, False, 0.25, "bhnd", backend)
     with pytest.raises(ValueError, match=r"grid: \(3, 3\) does not cover the 12 image tokens"):
         op(q, q, q, [L.MODE_NONE, L.MODE_MEAN], [0.0, 0.0], [0, 0], 3, 3, 0, False, 0.25, "bhnd", backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fused", "sdpa"])
+def test_cuda_graph_capture_after_warm_up(strategy):
+    """After one eager call (Triton compiles, cached weights and index tensors), a mixed
+    [none, identity, blur σ, σ = ∞, none] batch with text tokens captures into a CUDA graph, and
+    replays follow new q / k / v values like eager calls. (The non-contiguous attended items of the
+    sdpa strategy are gathered on the device: no host copy inside the capture.)"""
+    from guidance_kernels.triton.guided_attention import use_strategy
+
+    heads, grid, text = 2, (6, 8), 8
+    kw = dict(modes=["none", "identity", "blur", "blur", "none"], sigma=[None, None, 2.0, math.inf, None],
+              grid=grid, text_tokens=text, backend="triton")
+    q, k, v = _qkv(5, heads, 48 + text, 64, torch.bfloat16, "cuda", seed=1)
+    with use_strategy(strategy):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            gk.guided_attention(q, k, v, **kw)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = gk.guided_attention(q, k, v, **kw)
+        for step in range(2):
+            for t, new in zip((q, k, v), _qkv(5, heads, 48 + text, 64, torch.bfloat16, "cuda", seed=10 + step)):
+                t.copy_(new)
+            graph.replay()
+            expect = gk.guided_attention(q, k, v, **kw)
+            torch.cuda.synchronize()
+            assert torch.equal(captured, expect), f"replay {step} differs from the eager call"
 
 
 def test_empty_inputs(lane):

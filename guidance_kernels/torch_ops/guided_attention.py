@@ -26,10 +26,12 @@ QUERY_CHUNK = 1024  # joint identity: bounds the (chunk × T) fp32 logits per (i
 
 
 def take_items(t: torch.Tensor, items: list[int]) -> torch.Tensor:
-    """``t[items]``: a view when the items are a contiguous range (the usual [u, c | p] batch)."""
+    """``t[items]``: a view when the items are a contiguous range (the usual [u, c | p] batch),
+    else a device-side gather of slices (indexing with a Python list would copy an index tensor
+    from the host on every call, which CUDA-graph capture forbids)."""
     if items == list(range(items[0], items[0] + len(items))):
         return t[items[0]:items[0] + len(items)]
-    return t[items]
+    return torch.cat([t[i:i + 1] for i in items])
 
 
 def put_items(out: torch.Tensor, items: list[int], rows: slice, result: torch.Tensor) -> None:
