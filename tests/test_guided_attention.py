@@ -18,7 +18,7 @@ from guidance_kernels import backends
 from guidance_kernels import reference as R
 from guidance_kernels.attention import blur_kernel_size
 from conftest import LANES, lane_id
-from helpers import DTYPES, assert_close_to_truth, needs, to64
+from helpers import DTYPES, assert_close_to_truth, to64
 
 # The triton backend has two strategies (triton/guided_attention.py): the tests of this module run
 # each triton lane under both, so the fused kernel and the SDPA route are checked alike. The `lane`
