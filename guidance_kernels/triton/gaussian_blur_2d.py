@@ -85,6 +85,19 @@ def _reflect(i, n):
 
 
 @triton.jit
+def _sample_base(x_ptr, items_ptr, bg, G, sxb, sxg, HAS_ITEMS: tl.constexpr):
+    """(output slot, group, input pointer) of program group ``bg = slot·G + g``: the slot's own
+    sample, or ``items[slot]`` when only chosen samples are read."""
+    slot = bg // G
+    g = bg % G
+    if HAS_ITEMS:
+        b = tl.load(items_ptr + slot)
+    else:
+        b = slot
+    return slot, g, x_ptr + b.to(tl.int64) * sxb + g.to(tl.int64) * sxg
+
+
+@triton.jit
 def _blur_kernel(out_ptr, x_ptr, w_ptr, items_ptr, G, D, H, W, pad, ksize, rows, tiles_x, tiles_j, tiles_y,
                  sxb, sxg, sxj, sxy, sxx, sob, sog, soj, soy, sox,
                  HAS_ITEMS: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_J: tl.constexpr):
@@ -95,13 +108,7 @@ def _blur_kernel(out_ptr, x_ptr, w_ptr, items_ptr, G, D, H, W, pad, ksize, rows,
     rest = rest // tiles_j
     ty = rest % tiles_y
     bg = rest // tiles_y
-    slot = bg // G
-    g = bg % G
-    if HAS_ITEMS:
-        b = tl.load(items_ptr + slot)
-    else:
-        b = slot
-    x_base = x_ptr + b.to(tl.int64) * sxb + g.to(tl.int64) * sxg
+    slot, g, x_base = _sample_base(x_ptr, items_ptr, bg, G, sxb, sxg, HAS_ITEMS)
     o_base = out_ptr + slot.to(tl.int64) * sob + g.to(tl.int64) * sog
     offs_y = ty * BLOCK_Y + tl.arange(0, BLOCK_Y)
     offs_x = tx * BLOCK_X + tl.arange(0, BLOCK_X)
@@ -140,13 +147,7 @@ def _spatial_sum_kernel(psum_ptr, x_ptr, items_ptr, G, D, W, n_pos, chunk, chunk
     rest = pid // tiles_j
     part = rest % parts
     bg = rest // parts
-    slot = bg // G
-    g = bg % G
-    if HAS_ITEMS:
-        b = tl.load(items_ptr + slot)
-    else:
-        b = slot
-    base = x_ptr + b.to(tl.int64) * sxb + g.to(tl.int64) * sxg
+    _, _, base = _sample_base(x_ptr, items_ptr, bg, G, sxb, sxg, HAS_ITEMS)
     offs_j = tj * BLOCK_J + tl.arange(0, BLOCK_J)
     j_ok = offs_j < D
     j_off = offs_j.to(tl.int64)[None, :] * sxj
