@@ -6,19 +6,13 @@ triton or the CUDA extension and never initialises CUDA (both happen on first us
 
 from . import _library  # noqa: F401  (registers the torch.library ops)
 from ._version import __version__
-from .attention import gaussian_blur_2d, guided_attention
 from .backends import BackendError, use_backend
-from .combine import apg_combine, apg_momentum_buffer, cfg_zero_star_combine, guidance_combine
-from .sag import (
-    attention_key_mass,
-    attention_mask,
-    global_mask,
-    high_frequency_mask,
-    random_patch_mask,
-    sag_degrade,
-    sag_map_grid,
-    square_patch_mask,
-)
+from .ops.attention_key_mass import attention_key_mass
+from .ops.gaussian_blur_2d import gaussian_blur_2d
+from .ops.guidance_combine import apg_combine, apg_momentum_buffer, cfg_zero_star_combine, guidance_combine
+from .ops.guided_attention import guided_attention
+from .ops.sag_degrade import sag_degrade, sag_map_grid
+from .sag_masks import attention_mask, global_mask, high_frequency_mask, random_patch_mask, square_patch_mask
 from .terms import (
     Guidance,
     Term,

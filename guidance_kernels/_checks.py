@@ -25,14 +25,53 @@ def is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def float_tensor(fn: str, arg: str, t, *, allow_float64: bool = True) -> torch.Tensor:
+def float_tensor(fn: str, arg: str, t) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         fail(fn, arg, f"expected a torch.Tensor, got {type(t).__name__}", TypeError)
-    allowed = FLOAT_DTYPES if allow_float64 else FLOAT_DTYPES[:3]
-    if t.dtype not in allowed:
-        fail(fn, arg, f"expected a floating-point tensor ({', '.join(str(d) for d in allowed)}), "
+    if t.dtype not in FLOAT_DTYPES:
+        fail(fn, arg, f"expected a floating-point tensor ({', '.join(str(d) for d in FLOAT_DTYPES)}), "
                       f"got {t.dtype}", TypeError)
     return t
+
+
+def tensor_like(fn: str, arg: str, t, like: torch.Tensor, like_name: str) -> torch.Tensor:
+    """``t`` must be a tensor with the shape, device and dtype of ``like``."""
+    if not isinstance(t, torch.Tensor):
+        fail(fn, arg, f"expected a torch.Tensor, got {type(t).__name__}", TypeError)
+    same_device_dtype(fn, arg, t, like, like_name)
+    if t.shape != like.shape:
+        fail(fn, arg, f"shape {tuple(t.shape)} differs from {like_name} {tuple(like.shape)}")
+    return t
+
+
+def integer(fn: str, arg: str, value, *, minimum: int | None = None) -> int:
+    """A Python int (a traced SymInt is specialised: these are static configuration values)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        fail(fn, arg, f"expected an int, got {type(value).__name__}", TypeError)
+    value = int(value)
+    if minimum is not None and value < minimum:
+        fail(fn, arg, f"must be >= {minimum}, got {value}")
+    return value
+
+
+def grid(fn: str, value, arg: str = "grid", *, names: str = "(H, W)") -> tuple[int, int]:
+    """A 2-D grid of positive ints (``names`` says which: the image grid, SAG's map grid ``(h, w)``)."""
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)) or len(value) != 2:
+        fail(fn, arg, f"expected {names}, got {value!r}", TypeError)
+    return integer(fn, f"{arg}[0]", value[0], minimum=1), integer(fn, f"{arg}[1]", value[1], minimum=1)
+
+
+def sigma(fn: str, arg: str, value) -> float:
+    """A blur σ: > 0, not NaN; inf (or anything above ``_spec.SEG_INF_SIGMA``) means the mean.
+    Traced floats are specialised (``float()``): σ is a static configuration value."""
+    if isinstance(value, torch.Tensor):
+        fail(fn, arg, "expected a Python number (σ selects the kernel; it is not a per-step tensor)", TypeError)
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        fail(fn, arg, f"expected a real number, got {type(value).__name__}", TypeError)
+    value = float(value)
+    if not value > 0:  # also catches NaN (a plain comparison: traceable on a traced float)
+        fail(fn, arg, f"must be > 0 (and not NaN), got {value}")
+    return value
 
 
 def same_device_dtype(fn: str, arg: str, t: torch.Tensor, like: torch.Tensor, like_name: str) -> None:
@@ -131,11 +170,3 @@ def branches(fn: str, arg: str, pred, num_branches: int | None, needed: int,
     if needed > k:
         fail(fn, "guidance", f"refers to branch {needed - 1} but only {k} branches were given")
     return preds, k
-
-
-def split_branches(preds: list[torch.Tensor], num_branches: int) -> list[torch.Tensor]:
-    """Views of the K branches, each (B, …), without copying."""
-    if len(preds) == num_branches:
-        return list(preds)
-    (stacked,) = preds
-    return list(stacked.unflatten(0, (num_branches, -1)).unbind(0))

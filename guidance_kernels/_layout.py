@@ -24,6 +24,8 @@ from math import prod
 
 import torch
 
+from . import _spec
+
 MAX_RANK = 3
 
 
@@ -154,3 +156,64 @@ def _sm_count(index: int) -> int:
     if index not in _SM_COUNTS:
         _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
     return _SM_COUNTS[index]
+
+
+# --------------------------------------------------------------------------- branches and batch items
+
+
+def split_branches(preds: list[torch.Tensor], num_branches: int) -> list[torch.Tensor]:
+    """Views of the K branches, each (B, …), without copying."""
+    if len(preds) == num_branches:
+        return list(preds)
+    (stacked,) = preds
+    return list(stacked.unflatten(0, (num_branches, -1)).unbind(0))
+
+
+# Shared by the torch backend and the triton_sdpa route of guided_attention.
+# Shared by the torch backend and the triton_sdpa route of guided_attention.
+
+
+def take_items(t: torch.Tensor, items: list[int]) -> torch.Tensor:
+    """``t[items]``: a view when the items are a contiguous range (the usual [u, c | p] batch),
+    else a device-side gather of slices (indexing with a Python list would copy an index tensor
+    from the host on every call, which CUDA-graph capture forbids)."""
+    if items == list(range(items[0], items[0] + len(items))):
+        return t[items[0]:items[0] + len(items)]
+    return torch.cat([t[i:i + 1] for i in items])
+
+
+def put_items(out: torch.Tensor, items: list[int], rows: slice, result: torch.Tensor) -> None:
+    """``out[items, :, rows] = result``: one copy for a contiguous range of items."""
+    if items == list(range(items[0], items[0] + len(items))):
+        out[items[0]:items[0] + len(items), :, rows].copy_(result)
+        return
+    for j, i in enumerate(items):
+        out[i, :, rows].copy_(result[j])
+
+
+# --------------------------------------------------------------------------- small device constants
+# Weights and index lists the kernels read, cached per device: no host-to-device copy per call
+# (which would also break CUDA-graph capture after the first call).
+
+
+@lru_cache(maxsize=256)
+def device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A cached tensor of ``values`` on ``device``."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def blur_weights_like(like: torch.Tensor, kernel_size: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    """The float32 Gaussian weights of ``_spec.blur_weights`` on ``like``'s device, in ``dtype``.
+    Real tensors use the cache; fake ones (an autograd formula traced by torch.compile, possibly
+    wrapped by torch.func) build them in the tracing mode, which must never be cached."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(like):
+        return torch.tensor(_spec.blur_weights(kernel_size, sigma), dtype=torch.float32,
+                            device=like.device).to(dtype)
+    return device_constant(_spec.blur_weights(kernel_size, sigma), like.device, dtype)
+
+
+def map_for_kernel(mask_map: torch.Tensor) -> torch.Tensor:
+    """A ``(B|1, h, w)`` map the kernels can load: bool viewed as uint8 (no copy)."""
+    return mask_map.view(torch.uint8) if mask_map.dtype == torch.bool else mask_map

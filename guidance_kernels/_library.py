@@ -1,44 +1,83 @@
-"""Every op of the ``guidance_kernels`` torch.library namespace: schema, fake, implementation.
+"""Every op of the ``guidance_kernels`` torch.library namespace: argument record, schema, fake, body.
 
-Each op is defined once, here, with :func:`torch.library.custom_op`; its schema comes from the
-type annotations. The public functions validate arguments, choose a backend (a constant under
-``torch.compile``) and call exactly one op; the op's body hands the call to that backend's
-implementation module, imported lazily so that importing the package never imports triton or
-the CUDA extension (and never initialises CUDA):
+Each op's arguments are declared ONCE, as a typed record (a ``NamedTuple``) below. The record's
+fields, in order, are the op's schema (plus a trailing ``backend: str``), the public function
+builds one, every backend implementation receives one, and the fakes and autograd formulas read
+one — nobody restates the argument list. ``define`` turns a record into a
+:func:`torch.library.custom_op` whose body hands the record to the chosen backend's function,
+imported lazily so that importing the package never imports triton or the CUDA extension:
 
-    torch  -> guidance_kernels.torch_ops.<op>
-    triton -> guidance_kernels.triton.<op>
-    cuda   -> guidance_kernels.cuda.<op>
+    torch        -> guidance_kernels.torch_ops.<stem>.<op>
+    triton       -> guidance_kernels.triton.<stem>.<op>
+    triton_sdpa  -> guidance_kernels.triton.<stem>.<op>_sdpa
+    cuda         -> guidance_kernels.cuda.<stem>.<op>
 
 Fakes and backends allocate outputs with the same explicit rule (``_layout.output_like``), never
 a bare ``empty_like`` of a possibly permuted input, so fake and real strides agree.
 
 Public functions call ops through :func:`call`: while torch.compile/export traces, when autograd
-records or for tensor subclasses (fake, functional, DTensor, …) it goes through the op; for plain
-eager tensors it runs the op's body directly, because the Python custom-op boundary costs tens of
-microseconds per call — more than a guidance combine of an SDXL latent takes on a GPU.
+records or for tensor subclasses (fake, functional, DTensor, …) it goes through the registered
+op; for plain eager tensors it runs the op's body (kept in :data:`BODIES`) directly, because the
+Python custom-op boundary costs tens of microseconds per call — more than a guidance combine of
+an SDXL latent takes on a GPU.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
+import typing
 from functools import lru_cache
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
+from . import _spec
 from ._layout import output_like
 
 NAMESPACE = "guidance_kernels"
-_PACKAGES = {"torch": "torch_ops", "triton": "triton", "cuda": "cuda"}
+BACKEND_MODULES = {  # backend -> (package, function-name suffix)
+    "torch": ("torch_ops", ""),
+    "triton": ("triton", ""),
+    "triton_sdpa": ("triton", "_sdpa"),
+    "cuda": ("cuda", ""),
+}
+
+BODIES: dict[str, Callable] = {}  # op name -> body(*args, backend): the registered op's implementation
+OPS: dict[str, object] = {}  # op name -> the torch.library custom op
+RECORDS: dict[str, type] = {}  # op name -> argument record
+STEMS: dict[str, str] = {}  # op name -> module stem of its backends
 
 
 @lru_cache(maxsize=None)
-def implementation(family: str, backend: str, name: str):
-    """The function ``name`` of ``guidance_kernels.<backend package>.<family>``."""
-    module = importlib.import_module(f"guidance_kernels.{_PACKAGES[backend]}.{family}")
-    return getattr(module, name)
+def implementation(op: str, backend: str) -> Callable:
+    """The function serving ``op`` in ``backend``: ``guidance_kernels.<package>.<stem>.<op><suffix>``."""
+    package, suffix = BACKEND_MODULES[backend]
+    module = importlib.import_module(f"guidance_kernels.{package}.{STEMS[op]}")
+    return getattr(module, op + suffix)
+
+
+def define(name: str, record: type, fake: Callable, *, stem: str | None = None, returns=Tensor,
+           mutates: tuple[str, ...] = ()) -> None:
+    """Register op ``guidance_kernels::<name>`` with the fields of ``record`` (+ ``backend``) as schema."""
+    hints = typing.get_type_hints(record)  # resolved: this module's annotations are strings
+    params = [inspect.Parameter(field, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=hints[field])
+              for field in record._fields]
+    params.append(inspect.Parameter("backend", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str))
+
+    def prototype(*args):
+        raise AssertionError("schema prototype")
+
+    prototype.__signature__ = inspect.Signature(params, return_annotation=returns)
+    schema = torch.library.infer_schema(prototype, mutates_args=mutates)
+
+    def body(*args):
+        return implementation(name, args[-1])(record(*args[:-1]))
+
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", body, mutates_args=mutates, schema=schema)
+    op.register_fake(lambda *args: fake(record(*args[:-1])))
+    BODIES[name], OPS[name], RECORDS[name], STEMS[name] = body, op, record, stem or name
 
 
 _ATOMS = (int, float, str, bool, type(None))
@@ -56,138 +95,235 @@ def _plain(value) -> bool:
     return not isinstance(value, Tensor)
 
 
-def call(op, *args):
-    """Run ``op(*args)``; in plain eager mode run its body directly (same code, no dispatch cost)."""
-    body = getattr(op, "_init_fn", None)
-    if body is None or torch.compiler.is_compiling() or not all(_plain(a) for a in args):
-        return op(*args)
-    return body(*args)
+def call(name: str, args: tuple, backend: str):
+    """Run op ``name`` on its record ``args``; in plain eager mode run its body directly (same code,
+    no dispatch cost)."""
+    if torch.compiler.is_compiling() or not all(map(_plain, args)):
+        return OPS[name](*args, backend)
+    return BODIES[name](*args, backend)
 
 
-def _combine_out(preds: list[Tensor], num_branches: int) -> Tensor:
+def differentiable(name: str, tensors: tuple[str, ...]) -> None:
+    """Give op ``name`` an autograd formula: the vector-Jacobian product of the torch backend's
+    functional formulation (``torch_ops.<stem>.differentiable``, same algorithmic short-cuts) with
+    respect to the record fields ``tensors``. These ops run inside models (a diffusers UNet under
+    torch.compile traces them with its parameters requiring grad): exact gradients at the speed
+    of plain PyTorch."""
+    record = RECORDS[name]
+    fields = record._fields
+    positions = [fields.index(t) for t in tensors]
+
+    def setup_context(ctx, inputs, output):
+        # the static fields only: tensors travel through save_for_backward (as torch.compile requires)
+        ctx.args = record(*inputs[:-1])._replace(**dict.fromkeys(tensors))
+        ctx.save_for_backward(*(inputs[i] for i in positions))
+
+    def backward(ctx, grad):
+        fn = importlib.import_module(f"guidance_kernels.torch_ops.{STEMS[name]}").differentiable
+        args = ctx.args
+
+        def forward(*values):
+            return fn(args._replace(**dict(zip(tensors, values))))
+
+        _, pullback = torch.func.vjp(forward, *ctx.saved_tensors)
+        grads = dict(zip(positions, pullback(grad)))
+        return tuple(grads.get(i) for i in range(len(fields))) + (None,)  # no gradient for backend
+
+    OPS[name].register_autograd(backward, setup_context=setup_context)
+
+
+# --------------------------------------------------------------------------- the combine family
+# Three ops with one stem: their backends share every file (guidance_combine.*).
+
+
+def _branch_out(preds: list[Tensor], num_branches: int) -> Tensor:
     first = preds[0]
     if len(preds) == 1 and num_branches > 1:
         first = first[: first.shape[0] // num_branches]
     return output_like(first)
 
 
-# --------------------------------------------------------------------------- guidance_combine
+class GuidanceCombineArgs(NamedTuple):
+    """``out = D[base] + Σ_t g_t (D[pos_t] − D[neg_t])`` (+ rescale). See guidance_kernels.guidance_combine."""
+
+    preds: list[Tensor]  # [stacked (K·B, …)] or K × (B, …)
+    num_branches: int
+    base: int
+    pos: list[int]
+    neg: list[int]
+    scales: list[float]  # per term: the number, or 0.0 when scale_tensors[t] holds it
+    scale_tensors: list[Optional[Tensor]]  # per term: fp32 (1,) or (B,), or None
+    rescale: float
+    rescale_tensor: Optional[Tensor]
+    rescale_ref: int
+
+    @property
+    def rescaling(self) -> bool:
+        return _spec.rescale_on(self.rescale, self.rescale_tensor)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::guidance_combine", mutates_args=())
-def guidance_combine(preds: list[Tensor], num_branches: int, base: int, pos: list[int], neg: list[int],
-                     scales: list[float], scale_tensors: list[Optional[Tensor]], rescale: float,
-                     rescale_tensor: Optional[Tensor], rescale_ref: int, backend: str) -> Tensor:
-    """out = D[base] + Σ_t g_t (D[pos_t] − D[neg_t]) (+ rescale). See guidance_kernels.guidance_combine."""
-    fn = implementation("guidance_combine", backend, "guidance_combine")
-    return fn(preds, num_branches, base, pos, neg, scales, scale_tensors, rescale, rescale_tensor, rescale_ref)
-
-
-@guidance_combine.register_fake
-def _(preds, num_branches, base, pos, neg, scales, scale_tensors, rescale, rescale_tensor, rescale_ref, backend):
-    return _combine_out(preds, num_branches)
-
-
-# --------------------------------------------------------------------------- apg_combine
-# Two ops: inductor mishandles an Optional mutated tensor, so the momentum variant (which updates
-# its buffer in place) is its own op with a required buffer.
-
-
-@torch.library.custom_op(f"{NAMESPACE}::apg_combine", mutates_args=())
-def apg_combine(preds: list[Tensor], num_branches: int, cond: int, uncond: int, scale: float,
-                scale_tensor: Optional[Tensor], eta: float, norm_threshold: float, formulation: str, rescale: float,
-                rescale_tensor: Optional[Tensor], backend: str) -> Tensor:
+class ApgCombineArgs(NamedTuple):
     """Adaptive projected guidance without momentum. See guidance_kernels.apg_combine."""
-    fn = implementation("guidance_combine", backend, "apg_combine")
-    return fn(preds, num_branches, cond, uncond, scale, scale_tensor, eta, norm_threshold, 0.0, None,
-              formulation, rescale, rescale_tensor)
+
+    preds: list[Tensor]
+    num_branches: int
+    cond: int
+    uncond: int
+    scale: float
+    scale_tensor: Optional[Tensor]
+    eta: float
+    norm_threshold: float
+    formulation: str
+    rescale: float
+    rescale_tensor: Optional[Tensor]
+
+    momentum = property(lambda self: 0.0)
+    momentum_buffer = property(lambda self: None)
+    rescaling = property(lambda self: _spec.rescale_on(self.rescale, self.rescale_tensor))
 
 
-@apg_combine.register_fake
-def _(preds, num_branches, cond, uncond, scale, scale_tensor, eta, norm_threshold, formulation, rescale,
-      rescale_tensor, backend):
-    return _combine_out(preds, num_branches)
+class ApgCombineMomentumArgs(NamedTuple):
+    """APG with a momentum buffer updated in place. A separate op: inductor mishandles an Optional
+    mutated tensor, so the buffer is a required argument here."""
+
+    preds: list[Tensor]
+    num_branches: int
+    cond: int
+    uncond: int
+    scale: float
+    scale_tensor: Optional[Tensor]
+    eta: float
+    norm_threshold: float
+    momentum: float
+    momentum_buffer: Tensor
+    formulation: str
+    rescale: float
+    rescale_tensor: Optional[Tensor]
+
+    rescaling = property(lambda self: _spec.rescale_on(self.rescale, self.rescale_tensor))
 
 
-@torch.library.custom_op(f"{NAMESPACE}::apg_combine_momentum", mutates_args=("momentum_buffer",))
-def apg_combine_momentum(preds: list[Tensor], num_branches: int, cond: int, uncond: int, scale: float,
-                         scale_tensor: Optional[Tensor], eta: float, norm_threshold: float, momentum: float,
-                         momentum_buffer: Tensor, formulation: str, rescale: float,
-                         rescale_tensor: Optional[Tensor], backend: str) -> Tensor:
-    """Adaptive projected guidance with a momentum buffer updated in place."""
-    fn = implementation("guidance_combine", backend, "apg_combine")
-    return fn(preds, num_branches, cond, uncond, scale, scale_tensor, eta, norm_threshold, momentum,
-              momentum_buffer, formulation, rescale, rescale_tensor)
-
-
-@apg_combine_momentum.register_fake
-def _(preds, num_branches, cond, uncond, scale, scale_tensor, eta, norm_threshold, momentum, momentum_buffer,
-      formulation, rescale, rescale_tensor, backend):
-    return _combine_out(preds, num_branches)
-
-
-# --------------------------------------------------------------------------- cfg_zero_star_combine
-
-
-@torch.library.custom_op(f"{NAMESPACE}::cfg_zero_star_combine", mutates_args=())
-def cfg_zero_star_combine(preds: list[Tensor], num_branches: int, cond: int, uncond: int, scale: float,
-                          scale_tensor: Optional[Tensor], original_formulation: bool, rescale: float,
-                          rescale_tensor: Optional[Tensor], backend: str) -> Tensor:
+class CfgZeroStarCombineArgs(NamedTuple):
     """CFG-Zero* (optimised scale). See guidance_kernels.cfg_zero_star_combine."""
-    fn = implementation("guidance_combine", backend, "cfg_zero_star_combine")
-    return fn(preds, num_branches, cond, uncond, scale, scale_tensor, original_formulation, rescale,
-              rescale_tensor)
+
+    preds: list[Tensor]
+    num_branches: int
+    cond: int
+    uncond: int
+    scale: float
+    scale_tensor: Optional[Tensor]
+    original_formulation: bool
+    rescale: float
+    rescale_tensor: Optional[Tensor]
+
+    rescaling = property(lambda self: _spec.rescale_on(self.rescale, self.rescale_tensor))
 
 
-@cfg_zero_star_combine.register_fake
-def _(preds, num_branches, cond, uncond, scale, scale_tensor, original_formulation, rescale, rescale_tensor,
-      backend):
-    return _combine_out(preds, num_branches)
+def _combine_fake(a) -> Tensor:
+    return _branch_out(a.preds, a.num_branches)
+
+
+define("guidance_combine", GuidanceCombineArgs, _combine_fake)
+define("apg_combine", ApgCombineArgs, _combine_fake, stem="guidance_combine")
+define("apg_combine_momentum", ApgCombineMomentumArgs, _combine_fake, stem="guidance_combine",
+       mutates=("momentum_buffer",))
+define("cfg_zero_star_combine", CfgZeroStarCombineArgs, _combine_fake, stem="guidance_combine")
 
 
 # --------------------------------------------------------------------------- attention_key_mass
 
 
-@torch.library.custom_op(f"{NAMESPACE}::attention_key_mass", mutates_args=())
-def attention_key_mass(q: Tensor, k: Tensor, v: Tensor, heads: int, layout: str, scale: float,
-                       items: Optional[list[int]], backend: str) -> tuple[Tensor, Tensor]:
+class AttentionKeyMassArgs(NamedTuple):
     """Attention output and per-key attention mass. See guidance_kernels.attention_key_mass."""
-    fn = implementation("attention_key_mass", backend, "attention_key_mass")
-    return fn(q, k, v, heads, layout, scale, items)
+
+    q: Tensor  # (B, heads, N, d) ["bhnd"] or (B, N, heads·d) ["bnd"]
+    k: Tensor
+    v: Tensor
+    heads: int
+    layout: str
+    scale: float
+    items: Optional[list[int]]  # batch items whose mass is wanted (None: all)
 
 
-@attention_key_mass.register_fake
-def _(q, k, v, heads, layout, scale, items, backend):
-    rows = q.shape[0] if items is None else len(items)
-    keys = k.shape[1] if layout == "bnd" else k.shape[2]
-    return q.new_empty(q.shape), q.new_empty((rows, keys), dtype=torch.float32)
+def _key_mass_fake(a: AttentionKeyMassArgs) -> tuple[Tensor, Tensor]:
+    rows = a.q.shape[0] if a.items is None else len(a.items)
+    keys = a.k.shape[1] if a.layout == "bnd" else a.k.shape[2]
+    return a.q.new_empty(a.q.shape), a.q.new_empty((rows, keys), dtype=torch.float32)
+
+
+define("attention_key_mass", AttentionKeyMassArgs, _key_mass_fake, returns=tuple[Tensor, Tensor])
 
 
 # --------------------------------------------------------------------------- sag_degrade
 
 
-@torch.library.custom_op(f"{NAMESPACE}::sag_degrade", mutates_args=())
-def sag_degrade(x0: Tensor, mask_map: Tensor, thresholded: bool, threshold: float, kernel_size: int, sigma: float,
-                renoise: str, alpha: float, alpha_tensor: Optional[Tensor], other: Optional[Tensor],
-                return_degraded: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """SAG's masked blur + re-noise in one pass. See guidance_kernels.sag_degrade. The second
+class SagDegradeArgs(NamedTuple):
+    """SAG's masked blur + re-noise in one pass. See guidance_kernels.sag_degrade. The op's second
     output is the degraded (un-noised) latent when ``return_degraded``, else an empty tensor."""
-    fn = implementation("sag_degrade", backend, "sag_degrade")
-    return fn(x0, mask_map, thresholded, threshold, kernel_size, sigma, renoise, alpha, alpha_tensor, other,
-              return_degraded)
+
+    x0: Tensor  # (B, C, H, W)
+    mask_map: Tensor  # (B|1, h, w): key mass (thresholded) or blend weights
+    thresholded: bool
+    threshold: float
+    kernel_size: int
+    sigma: float
+    renoise: str  # a key of _spec.RENOISE
+    alpha: float
+    alpha_tensor: Optional[Tensor]
+    other: Optional[Tensor]  # eps (ddpm) or x_t (kdiff)
+    return_degraded: bool
 
 
-@sag_degrade.register_fake
-def _(x0, mask_map, thresholded, threshold, kernel_size, sigma, renoise, alpha, alpha_tensor, other,
-      return_degraded, backend):
-    return output_like(x0), output_like(x0) if return_degraded else x0.new_empty((0,))
+def _degrade_fake(a: SagDegradeArgs) -> tuple[Tensor, Tensor]:
+    return output_like(a.x0), output_like(a.x0) if a.return_degraded else a.x0.new_empty((0,))
+
+
+define("sag_degrade", SagDegradeArgs, _degrade_fake, returns=tuple[Tensor, Tensor])
 
 
 # --------------------------------------------------------------------------- gaussian_blur_2d, guided_attention
 # Grid, kernel size, σ and the per-item modes are static op arguments (a new configuration compiles
 # once). kernel_size == 0 means σ = ∞ (the exact spatial mean), so no inf ever enters a graph.
 
-MODE_NONE, MODE_IDENTITY, MODE_BLUR, MODE_MEAN = 0, 1, 2, 3
+
+class GaussianBlur2dArgs(NamedTuple):
+    """Depthwise separable Gaussian blur (reflect padding) or, kernel_size 0, the spatial mean.
+    See guidance_kernels.gaussian_blur_2d."""
+
+    x: Tensor  # "nchw" (B, C, H, W), "bnc" (B, H·W, C) or "bhnd" (B, heads, H·W, d)
+    grid_h: int
+    grid_w: int
+    layout: str
+    kernel_size: int  # odd, or 0 for the mean
+    sigma: float
+
+
+class GuidedAttentionArgs(NamedTuple):
+    """Attention with a perturbation per item (``_spec.Mode``) on (B, heads, N, d) views.
+    See guidance_kernels.guided_attention."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    modes: list[int]  # _spec.Mode per item, lowered (BLUR has a kernel size > 1, MEAN is σ = ∞)
+    sigmas: list[float]  # BLUR items' σ (0.0 for the others)
+    kernel_sizes: list[int]  # BLUR items' kernel size (0 for the others)
+    grid_h: int
+    grid_w: int
+    text_tokens: int
+    text_before: bool
+    scale: float
+    layout: str  # the caller's layout: "bnd" outputs are views of (B, Nq, heads, d) buffers
+
+    @property
+    def image_rows(self) -> slice:
+        n = self.q.shape[2]
+        return slice(self.text_tokens, n) if self.text_before else slice(0, n - self.text_tokens)
+
+    @property
+    def text_rows(self) -> slice:
+        n = self.q.shape[2]
+        return slice(0, self.text_tokens) if self.text_before else slice(n - self.text_tokens, n)
 
 
 def attention_out(q: Tensor, layout: str) -> Tensor:
@@ -200,68 +336,7 @@ def attention_out(q: Tensor, layout: str) -> Tensor:
     return output_like(q)
 
 
-@torch.library.custom_op(f"{NAMESPACE}::gaussian_blur_2d", mutates_args=())
-def gaussian_blur_2d(x: Tensor, grid_h: int, grid_w: int, layout: str, kernel_size: int, sigma: float,
-                     backend: str) -> Tensor:
-    """Depthwise separable Gaussian blur (reflect padding) or, kernel_size 0, the spatial mean.
-    See guidance_kernels.gaussian_blur_2d."""
-    fn = implementation("gaussian_blur_2d", backend, "gaussian_blur_2d")
-    return fn(x, grid_h, grid_w, layout, kernel_size, sigma)
-
-
-@gaussian_blur_2d.register_fake
-def _(x, grid_h, grid_w, layout, kernel_size, sigma, backend):
-    return output_like(x)
-
-
-@torch.library.custom_op(f"{NAMESPACE}::guided_attention", mutates_args=())
-def guided_attention(q: Tensor, k: Tensor, v: Tensor, modes: list[int], sigmas: list[float], kernel_sizes: list[int],
-                     grid_h: int, grid_w: int, text_tokens: int, text_before: bool, scale: float, layout: str,
-                     backend: str) -> Tensor:
-    """Attention with a per-item perturbation (MODE_NONE/IDENTITY/BLUR/MEAN) on (B, heads, N, d)
-    views. See guidance_kernels.guided_attention."""
-    fn = implementation("guided_attention", backend, "guided_attention")
-    return fn(q, k, v, modes, sigmas, kernel_sizes, grid_h, grid_w, text_tokens, text_before, scale, layout)
-
-
-@guided_attention.register_fake
-def _(q, k, v, modes, sigmas, kernel_sizes, grid_h, grid_w, text_tokens, text_before, scale, layout, backend):
-    return attention_out(q, layout)
-
-
-# Gradients: these ops run inside models (a diffusers UNet under torch.compile traces them with its
-# parameters requiring grad), so they have an autograd formula. It recomputes the forward with the
-# torch backend's differentiable formulation (functional torch ops, same algorithmic short-cuts)
-# and takes its vector-Jacobian product: exact gradients, at the speed of plain PyTorch.
-
-
-def _vjp(name: str, tensors: tuple, static: tuple, grad: Tensor) -> tuple:
-    fn = implementation(name, "torch", "differentiable")
-    _, pullback = torch.func.vjp(lambda *t: fn(*t, *static), *tensors)
-    return pullback(grad)
-
-
-def _blur_setup(ctx, inputs, output):
-    x, *static = inputs
-    ctx.static = tuple(static[:-1])  # drop the backend
-    ctx.save_for_backward(x)
-
-
-def _blur_backward(ctx, grad):
-    (x,) = ctx.saved_tensors
-    (gx,) = _vjp("gaussian_blur_2d", (x,), ctx.static, grad)
-    return (gx,) + (None,) * 6
-
-
-def _attention_setup(ctx, inputs, output):
-    q, k, v, *static = inputs
-    ctx.static = tuple(static[:-2])  # drop layout and backend
-    ctx.save_for_backward(q, k, v)
-
-
-def _attention_backward(ctx, grad):
-    return _vjp("guided_attention", ctx.saved_tensors, ctx.static, grad) + (None,) * 10
-
-
-gaussian_blur_2d.register_autograd(_blur_backward, setup_context=_blur_setup)
-guided_attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+define("gaussian_blur_2d", GaussianBlur2dArgs, lambda a: output_like(a.x))
+define("guided_attention", GuidedAttentionArgs, lambda a: attention_out(a.q, a.layout))
+differentiable("gaussian_blur_2d", ("x",))
+differentiable("guided_attention", ("q", "k", "v"))

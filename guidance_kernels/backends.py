@@ -1,15 +1,17 @@
 """Which implementation serves a call, and why not the others.
 
-Every op has up to three backends:
+An op has some of these backends:
 
-* ``"cuda"``   hand-written CUDA C++ from the compiled extension ``guidance_kernels._C``;
-* ``"triton"`` Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``
+* ``"cuda"``        hand-written CUDA C++ from the compiled extension ``guidance_kernels._C``;
+* ``"triton"``      Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``
   and only when forced — the interpreter is a test tool, never an automatic choice);
-* ``"torch"``  a PyTorch path that runs on any device (fp32 arithmetic, algorithmic
+* ``"triton_sdpa"`` guided_attention's second Triton route: torch's SDPA for the plain and
+  blurred items, the Triton kernel for the rest (same availability rules as ``"triton"``);
+* ``"torch"``       a PyTorch path that runs on any device (fp32 arithmetic, algorithmic
   short-cuts kept), the fallback that always exists.
 
-Automatic choice walks the op's priority list (fastest measured first, see
-``benchmarks/results``) and takes the first backend that supports the inputs. A backend is
+Automatic choice walks the op's priority list (``benchmarks/README.md`` says which orders a
+measurement backs) and takes the first backend that supports the inputs. A backend is
 forced, in decreasing precedence, by the ``backend=`` argument of a public function, the
 :func:`use_backend` context manager, or the ``GUIDANCE_KERNELS_BACKEND`` environment variable
 (read at import; ``"triton"`` for every op or ``"guidance_combine=cuda,guided_attention=triton"``
@@ -32,7 +34,7 @@ import torch
 
 from . import _extension
 
-BACKENDS = ("cuda", "triton", "torch")
+BACKENDS = ("cuda", "triton", "triton_sdpa", "torch")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ENV_VAR = "GUIDANCE_KERNELS_BACKEND"
 
@@ -113,7 +115,7 @@ def _common_reasons(backend: str, req: Request, forced: bool) -> list[str]:
         return reasons
     if req.dtype not in FLOAT_DTYPES:
         reasons.append(f"dtype {req.dtype} (kernels take float32, float16, bfloat16)")
-    if backend == "triton":
+    if backend in ("triton", "triton_sdpa"):
         why = triton_unavailable_reason()
         if why:
             reasons.append(why)

@@ -10,11 +10,18 @@ Shapes: a branch is ``(B, …)``; ``branches`` is the list of the K branches (``
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 
+from ._spec import (  # noqa: F401  (re-exported: the oracle's own rules are the shared ones)
+    SEG_INF_SIGMA,
+    gaussian_kernel_1d,
+    image_to_tokens,
+    sag_map_grid as sag_map_grid_comfy,
+    seg_kernel_size,
+    tokens_to_image,
+)
 from .terms import Guidance
 
 
@@ -122,23 +129,6 @@ def cfg_zero_star_combine(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, sc
 
 # --------------------------------------------------------------------------- Gaussian blur (SEG §5, SAG §6)
 
-SEG_INF_SIGMA = 9999.0  # SEG-SDXL: sigma above this is "infinite" (every query := the grid mean)
-
-
-def seg_kernel_size(sigma: float) -> int:
-    """SEG-SDXL's kernel size rule: ``ceil(6σ) + 1 − ceil(6σ) % 2`` (always odd)."""
-    k = math.ceil(6 * sigma)
-    return k + 1 - k % 2
-
-
-def gaussian_kernel_1d(kernel_size: int, sigma: float) -> torch.Tensor:
-    """The 1-D weights of both anchors' ``gaussian_blur_2d``, in float32 (cast to the tensor dtype
-    by the caller): ``exp(−½ (x/σ)²)`` on ``linspace(−(k−1)/2, (k−1)/2, k)``, normalised to sum 1."""
-    half = (kernel_size - 1) * 0.5
-    x = torch.linspace(-half, half, steps=kernel_size)
-    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
-    return pdf / pdf.sum()
-
 
 def gaussian_blur_2d(img: torch.Tensor, kernel_size: int, sigma: float, *, cap_to_grid: bool = True) -> torch.Tensor:
     """Depthwise Gaussian blur of ``(B, C, H, W)`` with reflect padding, as SEG-SDXL writes it: a
@@ -222,13 +212,6 @@ def sag_masking(original_latents: torch.Tensor, attn_map: torch.Tensor, map_size
     return _add_noise(degraded_latents, eps, alpha_cumprod)
 
 
-def sag_map_grid_comfy(latent_h: int, latent_w: int, tokens: int) -> tuple[int, int]:
-    """ComfyUI's map grid for a latent that need not be divisible by the attention map:
-    ``ratio = 2**(ceil(sqrt(lh·lw/N)) − 1).bit_length()``, grid ``(ceil(lh/ratio), ceil(lw/ratio))``."""
-    ratio = 2 ** (math.ceil(math.sqrt(latent_h * latent_w / tokens)) - 1).bit_length()
-    return math.ceil(latent_h / ratio), math.ceil(latent_w / ratio)
-
-
 def sag_blur_map_comfy(x0: torch.Tensor, attn: torch.Tensor, x: torch.Tensor, *, sigma: float = 2.0,
                        threshold: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """ComfyUI's ``create_blur_map`` on the uncond attention map ``(B·heads, N, N)``, followed by
@@ -290,32 +273,6 @@ def seg_blur(img: torch.Tensor, sigma: float, kernel_size: int | None = None, *,
         return out
     k = seg_kernel_size(sigma) if kernel_size is None else kernel_size
     return gaussian_blur_2d(img, k, sigma, cap_to_grid=cap_to_grid)
-
-
-def tokens_to_image(x: torch.Tensor, grid: tuple[int, int], layout: str) -> torch.Tensor:
-    """``(B, N, C)`` ["bnc"] or ``(B, heads, N, d)`` ["bhnd"] image tokens (row-major over the
-    ``(H, W)`` grid) as ``(B, C, H, W)`` with channel ``head·d + j`` — SEG-SDXL's
-    ``permute(0, 1, 3, 2).view(B, heads·d, H, W)``. ``"nchw"`` is returned as is."""
-    h, w = grid
-    if layout == "nchw":
-        return x
-    if layout == "bnc":
-        return x.permute(0, 2, 1).reshape(x.shape[0], x.shape[2], h, w)
-    if layout == "bhnd":
-        return x.permute(0, 1, 3, 2).reshape(x.shape[0], x.shape[1] * x.shape[3], h, w)
-    raise ValueError(f"tokens_to_image: layout: unknown {layout!r}")
-
-
-def image_to_tokens(img: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor:
-    """Inverse of :func:`tokens_to_image` (shape of ``like``)."""
-    if layout == "nchw":
-        return img
-    if layout == "bnc":
-        return img.reshape(img.shape[0], img.shape[1], -1).permute(0, 2, 1)
-    if layout == "bhnd":
-        b, heads, n, d = like.shape
-        return img.reshape(b, heads, d, n).permute(0, 1, 3, 2)
-    raise ValueError(f"image_to_tokens: layout: unknown {layout!r}")
 
 
 def blur_tokens(x: torch.Tensor, sigma: float, grid: tuple[int, int], layout: str, kernel_size: int | None = None,

@@ -26,7 +26,6 @@ changes every step under ``torch.compile`` (a changing Python float recompiles o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -146,10 +145,3 @@ def icg_noise_condition(embedding: torch.Tensor, *, generator: torch.Generator |
     std = embedding.float().std(dim=dims, keepdim=dims is not None)
     noise = torch.randn(embedding.shape, device=embedding.device, generator=generator)
     return (noise * std).to(embedding.dtype)
-
-
-def guidance_scale_to_gamma(scale: float) -> float:
-    """diffusers' CFG ``s`` to the paper's γ in ``D_neg + (1+γ)(D_pos − D_neg)``: γ = s − 1."""
-    if not math.isfinite(scale):
-        raise ValueError(f"guidance_scale_to_gamma: scale must be finite, got {scale}")
-    return scale - 1.0

@@ -3,6 +3,7 @@ separable blur (a SAG-size and a large kernel) and the σ = ∞ mean, across lay
 
 import torch
 
+from guidance_kernels._library import GaussianBlur2dArgs
 from guidance_kernels.triton import gaussian_blur_2d as K
 
 SHAPES = {"nchw": (2, 4, 64, 64), "bnc": (2, 32 * 32, 640), "bhnd": (2, 10, 32 * 32, 64)}
@@ -13,7 +14,7 @@ def _blur(dtype, layout, kernel_size, sigma):
 
     def case():
         x = torch.zeros(SHAPES[layout], dtype=dtype)
-        K.gaussian_blur_2d(x, grid[0], grid[1], layout, kernel_size, sigma)
+        K.gaussian_blur_2d(GaussianBlur2dArgs(x, grid[0], grid[1], layout, kernel_size, sigma))
     return case
 
 

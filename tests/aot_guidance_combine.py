@@ -2,6 +2,8 @@
 
 import torch
 
+from guidance_kernels._library import (ApgCombineArgs, ApgCombineMomentumArgs, CfgZeroStarCombineArgs,
+                                      GuidanceCombineArgs)
 from guidance_kernels.triton import guidance_combine as K
 
 
@@ -20,19 +22,22 @@ def _combine(dtype, layout, rescale, tensor_scale):
     def case():
         preds, k = _split(_pred(dtype, layout), 3)
         scale = torch.ones(2) if tensor_scale else None
-        K.guidance_combine(preds, k, 0, [1, 1], [0, 2], [7.5, 3.0], [scale, None], rescale,
-                           torch.ones(1) if rescale and tensor_scale else None, 1)
+        K.guidance_combine(GuidanceCombineArgs(preds, k, 0, [1, 1], [0, 2], [7.5, 3.0], [scale, None], rescale,
+                                               torch.ones(1) if rescale and tensor_scale else None, 1))
     return case
 
 
 def _projected(dtype, kind, momentum):
     def case():
         preds, k = _split(_pred(dtype, k=2), 2)
-        if kind == "apg":
-            buf = torch.zeros(2, 4, 64, 64) if momentum else None
-            K.apg_combine(preds, k, 1, 0, 5.0, None, 0.5, 15.0, -0.5, buf, "diffusers", 0.7, None)
+        if kind == "apg" and momentum:
+            buf = torch.zeros(2, 4, 64, 64)
+            K.apg_combine(ApgCombineMomentumArgs(preds, k, 1, 0, 5.0, None, 0.5, 15.0, -0.5, buf, "diffusers", 0.7,
+                                                 None))
+        elif kind == "apg":
+            K.apg_combine(ApgCombineArgs(preds, k, 1, 0, 5.0, None, 0.5, 15.0, "diffusers", 0.7, None))
         else:
-            K.cfg_zero_star_combine(preds, k, 1, 0, 5.0, torch.ones(2), False, 0.7, None)
+            K.cfg_zero_star_combine(CfgZeroStarCombineArgs(preds, k, 1, 0, 5.0, torch.ones(2), False, 0.7, None))
     return case
 
 

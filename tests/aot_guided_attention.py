@@ -6,34 +6,35 @@ text tokens (joint PAG instead of the copy); "plain": attention only — with th
 pre-pass kernels launched alongside. Every head dim the kernels serve (40, 64, 80, 128, 160) is
 compiled in bfloat16 in the two perturbed variants. float16 compiles to the same code as
 bfloat16 (a full sweep gave identical register counts in every variant), so it covers the
-tightest cases only; float32 (IEEE dots, separate tiles) covers its configurations; the "sdpa"
-strategy (main kernel for the identity and σ = ∞ items only) runs once. The set is kept small:
+tightest cases only; float32 (IEEE dots, separate tiles) covers its configurations; the
+triton_sdpa route (main kernel for the identity and σ = ∞ items only) runs once. The set is kept small:
 a cold compile costs ~2 s per kernel and target on a CI core.
 """
 
 import torch
 
-from guidance_kernels import _library as L
+from guidance_kernels._library import GuidedAttentionArgs
+from guidance_kernels._spec import Mode
 from guidance_kernels.triton import guided_attention as K
 
-MIXED = [L.MODE_NONE, L.MODE_IDENTITY, L.MODE_BLUR, L.MODE_MEAN]
+MIXED = [int(m) for m in (Mode.NONE, Mode.IDENTITY, Mode.BLUR, Mode.MEAN)]
 JOINT_TEXT = 16
 
 
-def _attention(dtype, d, modes, text_tokens, strategy="fused", heads=2, grid=(8, 8)):
+def _attention(dtype, d, modes, text_tokens, route=K.guided_attention, heads=2, grid=(8, 8)):
     def case():
         n = grid[0] * grid[1] + text_tokens
         # (B, N, heads, d) memory seen as (B, heads, N, d): how diffusers processors hold q, k, v
         q, k, v = (torch.zeros(len(modes), n, heads, d, dtype=dtype).transpose(1, 2) for _ in range(3))
-        sigmas = [1.0 if m == L.MODE_BLUR else 0.0 for m in modes]
-        sizes = [7 if m == L.MODE_BLUR else 0 for m in modes]
-        K.guided_attention(q, k, v, modes, sigmas, sizes, grid[0], grid[1], text_tokens, False, d ** -0.5, "bhnd",
-                           strategy=strategy)
+        sigmas = [1.0 if m == Mode.BLUR else 0.0 for m in modes]
+        sizes = [7 if m == Mode.BLUR else 0 for m in modes]
+        route(GuidedAttentionArgs(q, k, v, modes, sigmas, sizes, grid[0], grid[1], text_tokens, False, d ** -0.5,
+                                  "bhnd"))
     return case
 
 
-CASES = [("plain-bf16-d64", _attention(torch.bfloat16, 64, [L.MODE_NONE] * 2, 0)),
-         ("sdpa-bf16-d64", _attention(torch.bfloat16, 64, MIXED, 0, strategy="sdpa"))]
+CASES = [("plain-bf16-d64", _attention(torch.bfloat16, 64, [int(Mode.NONE)] * 2, 0)),
+         ("sdpa-bf16-d64", _attention(torch.bfloat16, 64, MIXED, 0, route=K.guided_attention_sdpa))]
 for _d in (40, 64, 80, 128, 160):
     CASES.append((f"mixed-bf16-d{_d}", _attention(torch.bfloat16, _d, MIXED, 0)))
     CASES.append((f"joint-bf16-d{_d}", _attention(torch.bfloat16, _d, MIXED, JOINT_TEXT)))

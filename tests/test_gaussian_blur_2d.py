@@ -12,7 +12,7 @@ import torch
 
 import guidance_kernels as gk
 from guidance_kernels import reference as R
-from guidance_kernels.attention import blur_kernel_size
+from guidance_kernels._spec import blur_kernel_size
 from helpers import DTYPES, assert_close_to_truth, make_strided, to64
 
 # (layout, shape, grid): channels C = 3 / 6 / 2·5

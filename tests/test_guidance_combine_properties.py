@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import guidance_kernels as gk
 from conftest import LANES, lane_id
 from guidance_kernels import reference as R
+from guidance_kernels._spec import APG_FORMULATIONS
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -101,7 +102,7 @@ def test_apg_and_cfg_zero_star_any_layout(lane, data):
     u, c = branches
     threshold = data.draw(st.sampled_from([0.0, 1.0, 15.0]))
     eta = data.draw(st.floats(0, 1, width=32))
-    form = data.draw(st.sampled_from(gk.combine.APG_FORMULATIONS))
+    form = data.draw(st.sampled_from(APG_FORMULATIONS))
     out = gk.apg_combine(moved, scale, eta=eta, norm_threshold=threshold, formulation=form, backend=backend)
     expect = R.apg_combine(c, u, scale, eta=eta, norm_threshold=threshold, formulation=form)
     torch.testing.assert_close(out.cpu().double(), expect, rtol=1e-4, atol=1e-4 * (1 + expect.abs().max().item()))

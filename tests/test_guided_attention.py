@@ -13,34 +13,23 @@ import torch
 import torch.nn.functional as F
 
 import guidance_kernels as gk
-from guidance_kernels import _library as L
 from guidance_kernels import backends
 from guidance_kernels import reference as R
-from guidance_kernels.attention import blur_kernel_size
+from guidance_kernels._library import GuidedAttentionArgs
+from guidance_kernels._spec import PUBLIC_MODES, Mode, blur_kernel_size
 from conftest import LANES, lane_id
 from helpers import DTYPES, assert_close_to_truth, to64
 
-# The triton backend has two strategies (triton/guided_attention.py): the tests of this module run
-# each triton lane under both, so the fused kernel and the SDPA route are checked alike. The `lane`
-# fixture takes (backend, device, strategy) — directly or through indirect parametrization — and
-# yields (backend, device) with that strategy in force.
-STRATEGY_LANES = [(b, d, s) for b, d in LANES for s in (("fused", "sdpa") if b == "triton" else (None,))]
+# guided_attention has two Triton backends (triton/guided_attention.py): "triton" (everything in
+# our kernels) and "triton_sdpa" (torch SDPA for plain and blurred items). Every test of this
+# module runs on both wherever a triton lane exists.
+ATTENTION_LANES = LANES + [("triton_sdpa", d) for b, d in LANES if b == "triton"]
+TRITON_LANES = [x for x in ATTENTION_LANES if x[0].startswith("triton")]
 
 
-def strategy_lane_id(x) -> str:
-    return lane_id(x[:2]) + (f"-{x[2]}" if x[2] else "")
-
-
-@pytest.fixture(params=STRATEGY_LANES, ids=strategy_lane_id)
+@pytest.fixture(params=ATTENTION_LANES, ids=lane_id)
 def lane(request):
-    backend, device, strategy = request.param
-    if strategy is None:
-        yield backend, device
-        return
-    from guidance_kernels.triton.guided_attention import use_strategy
-
-    with use_strategy(strategy):
-        yield backend, device
+    return request.param
 
 HEAD_DIMS = (40, 64, 80, 128, 160)
 
@@ -66,7 +55,7 @@ def _check(out, q, k, v, modes, sigma, grid, *, heads, text_tokens=0, text_posit
     reference gets the blur items' kernel sizes of our rule (:func:`blur_kernel_size`, equal to
     SEG-SDXL's wherever SEG-SDXL's reflect padding works; tested in test_gaussian_blur_2d)."""
     qb, kb, vb = (_bhnd(t, heads) for t in (q, k, v))
-    names = [m if isinstance(m, str) else gk.attention.MODES[m] for m in modes]
+    names = [m if isinstance(m, str) else PUBLIC_MODES[m] for m in modes]
     if kernel_size is None and grid is not None:
         sigmas = sigma if isinstance(sigma, (list, tuple)) else [sigma] * len(names)
         kernel_size = [blur_kernel_size(s, grid) or None if m == "blur" else None for m, s in zip(names, sigmas)]
@@ -174,17 +163,55 @@ def test_reference_matches_diffusers_joint_pag(cfg):
         torch.testing.assert_close(attn.to_add_out(out[:, 9:]), theirs_c, rtol=1e-5, atol=1e-5)
 
 
+# --------------------------------------------------------------------------- lowering: public arguments -> op record
+
+
+def test_lowering_rules():
+    """What the public function hands the op: σ → SEG's capped kernel size, a 1-tap blur → plain
+    attention, σ = ∞ → MEAN, non-blur items σ 0 / size 0; one vocabulary from Mode to the kernel's."""
+    from guidance_kernels.ops.guided_attention import lower_modes
+    from guidance_kernels.triton.guided_attention import Work, work_codes
+
+    codes = [Mode.NONE, Mode.IDENTITY, Mode.BLUR, Mode.BLUR, Mode.BLUR, Mode.BLUR]
+    sigmas = [None, None, 1.0, 0.1, math.inf, 1e5]
+    modes, op_sigmas, sizes = lower_modes(codes, sigmas, (5, 7))
+    assert modes == [Mode.NONE, Mode.IDENTITY, Mode.BLUR, Mode.NONE, Mode.MEAN, Mode.MEAN]
+    assert sizes == [0, 0, 7, 0, 0, 0] and op_sigmas == [0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    # the cap: SEG-SDXL's W − (W % 2 − 1), then 2H − 1 (reflect padding below H)
+    assert lower_modes([Mode.BLUR], [10.0], (32, 32))[2] == [33]
+    assert lower_modes([Mode.BLUR], [3.0], (2, 16))[2] == [3]
+    assert lower_modes([Mode.BLUR], [2.0], (1, 1))[0] == [Mode.NONE]  # a 1×1 grid: every blur is 1 tap
+    assert PUBLIC_MODES == ("none", "identity", "blur")
+    assert work_codes(modes, 0) == [Work.FULL, Work.COPY, Work.BLUR, Work.FULL, Work.MEAN, Work.MEAN]
+    assert work_codes([Mode.IDENTITY], 4) == [Work.JOINT]
+
+
+def test_token_grid_rules():
+    """Joint PAG needs no grid (the image block is one row of Nq − T tokens); a grid must cover
+    the image tokens exactly; text tokens cannot exceed the sequence."""
+    from guidance_kernels.ops.guided_attention import _token_grid
+
+    assert _token_grid("f", None, [Mode.IDENTITY], 20, 4) == ((1, 16), 4)
+    assert _token_grid("f", (4, 4), [Mode.BLUR], 20, 4) == ((4, 4), 4)
+    with pytest.raises(ValueError, match="f: grid: required when an item blurs"):
+        _token_grid("f", None, [Mode.BLUR], 20, 4)
+    with pytest.raises(ValueError, match=r"f: q: has 20 tokens but grid \(4, 5\) has H\*W = 20 \+ 4 text tokens"):
+        _token_grid("f", (4, 5), [Mode.NONE], 20, 4)
+    with pytest.raises(ValueError, match="f: text_tokens: 21 exceeds the 20 query tokens"):
+        _token_grid("f", None, [Mode.NONE], 20, 21)
+
+
 # --------------------------------------------------------------------------- backends vs reference
 
 
 def _lanes_and_dtypes():
-    """Every lane (triton: × strategy) × dtype, except bf16 in the Triton interpreter (its bf16 tl.dot is wrong; the
-    GPU lane checks bf16)."""
+    """Every lane × dtype, except bf16 in the Triton interpreter (its bf16 tl.dot is wrong; the GPU
+    lane checks bf16)."""
     out = []
-    for lane in STRATEGY_LANES:
+    for lane in ATTENTION_LANES:
         for dtype in DTYPES:
-            if not (lane[:2] == ("triton", "cpu") and dtype == torch.bfloat16):
-                out.append(pytest.param(lane, dtype, id=f"{strategy_lane_id(lane)}-{str(dtype).replace('torch.', '')}"))
+            if not (lane[0].startswith("triton") and lane[1] == "cpu" and dtype == torch.bfloat16):
+                out.append(pytest.param(lane, dtype, id=f"{lane_id(lane)}-{str(dtype).replace('torch.', '')}"))
     return out
 
 
@@ -325,32 +352,30 @@ def test_mode_and_sigma_spellings(lane):
                        gk.guided_attention(q, k, v, modes=["none"] * 3, backend=backend))
 
 
-@pytest.mark.parametrize("lane", [x for x in LANES if x[0] == "triton"], ids=lane_id)
-def test_triton_sdpa_strategy_matches_reference(lane):
-    """The triton backend's alternative strategy (blur pre-pass feeding torch SDPA for the none /
-    blur items, the kernel for identity and σ = ∞ items) computes the same thing."""
-    from guidance_kernels.triton.guided_attention import use_strategy
-
+@pytest.mark.parametrize("lane", [x for x in TRITON_LANES if x[0] == "triton_sdpa"], ids=lane_id)
+def test_triton_sdpa_backend_matches_reference(lane):
+    """The triton_sdpa route (blur pre-pass feeding torch SDPA for the none / blur items, the
+    kernel for identity and σ = ∞ items, in any order of items) computes the same thing; it
+    serves guided_attention only."""
     backend, device = lane
     heads, grid, text = 2, (5, 7), 6
     modes = ["blur", "identity", "none", "blur"]
     sigma = [1.5, None, None, math.inf]
     for text_tokens in (0, text):
         q, k, v = _qkv(4, heads, 35 + text_tokens, 64, torch.float16, device, seed=text_tokens)
-        with use_strategy("sdpa"):
-            out = gk.guided_attention(q, k, v, modes=modes, sigma=sigma, grid=grid, text_tokens=text_tokens,
-                                      backend=backend)
-            plain = gk.guided_attention(q, k, v, backend=backend)  # every item through SDPA
+        out = gk.guided_attention(q, k, v, modes=modes, sigma=sigma, grid=grid, text_tokens=text_tokens,
+                                  backend=backend)
+        plain = gk.guided_attention(q, k, v, backend=backend)  # every item through SDPA
         if text_tokens == 0:
             assert torch.equal(out[1], v[1])
         _check(out, q, k, v, modes, sigma, grid, heads=heads, text_tokens=text_tokens, what=f"sdpa text={text_tokens}")
         _check(plain, q, k, v, ["none"] * 4, None, None, heads=heads, what="sdpa plain")
-    with pytest.raises(ValueError, match="strategy: must be one of"):
-        with use_strategy("cudnn"):
-            pass
+    x = torch.randn(1, 2, 6, 6, device=device)
+    with pytest.raises(gk.BackendError, match="gaussian_blur_2d has no triton_sdpa implementation"):
+        gk.gaussian_blur_2d(x, 1.0, backend=backend)
 
 
-@pytest.mark.parametrize("lane", [x for x in LANES if x[0] != "torch"], ids=lane_id)
+@pytest.mark.parametrize("lane", [x for x in ATTENTION_LANES if x[0] != "torch"], ids=lane_id)
 def test_large_offsets_use_int64(lane):
     """A token stride of 2**30 + 64 puts the second token of a (item, head) slice past 2**31
     elements: the kernel switches to int64 in-slice offsets. q, k, v share one virtual storage and
@@ -368,47 +393,44 @@ def test_large_offsets_use_int64(lane):
     torch.testing.assert_close(out.cpu(), expect, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("lane", [x for x in LANES if x[0] == "triton"], ids=lane_id)
+@pytest.mark.parametrize("lane", TRITON_LANES, ids=lane_id)
 def test_raw_op_rejects_inputs_the_kernel_cannot_address(lane):
     backend, device = lane
     op = torch.ops.guidance_kernels.guided_attention
     q, _, _ = _qkv(2, 1, 12, 16, torch.float32, device)
     _, k, v = _qkv(2, 1, 12, 16, torch.float32, device, nk=8)
     with pytest.raises(ValueError, match="need self-attention"):
-        op(q, k, v, [L.MODE_NONE, L.MODE_IDENTITY], [0.0, 0.0], [0, 0], 1, 12, 0, False, 0.25, "bhnd", backend)
+        op(q, k, v, [Mode.NONE, Mode.IDENTITY], [0.0, 0.0], [0, 0], 1, 12, 0, False, 0.25, "bhnd", backend)
     with pytest.raises(ValueError, match=r"grid: \(3, 3\) does not cover the 12 image tokens"):
-        op(q, q, q, [L.MODE_NONE, L.MODE_MEAN], [0.0, 0.0], [0, 0], 3, 3, 0, False, 0.25, "bhnd", backend)
+        op(q, q, q, [Mode.NONE, Mode.MEAN], [0.0, 0.0], [0, 0], 3, 3, 0, False, 0.25, "bhnd", backend)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("strategy", ["fused", "sdpa"])
-def test_cuda_graph_capture_after_warm_up(strategy):
+@pytest.mark.parametrize("backend", ["triton", "triton_sdpa"])
+def test_cuda_graph_capture_after_warm_up(backend):
     """After one eager call (Triton compiles, cached weights and index tensors), a mixed
     [none, identity, blur σ, σ = ∞, none] batch with text tokens captures into a CUDA graph, and
     replays follow new q / k / v values like eager calls. (The non-contiguous attended items of the
-    sdpa strategy are gathered on the device: no host copy inside the capture.)"""
-    from guidance_kernels.triton.guided_attention import use_strategy
-
+    triton_sdpa route are gathered on the device: no host copy inside the capture.)"""
     heads, grid, text = 2, (6, 8), 8
     kw = dict(modes=["none", "identity", "blur", "blur", "none"], sigma=[None, None, 2.0, math.inf, None],
-              grid=grid, text_tokens=text, backend="triton")
+              grid=grid, text_tokens=text, backend=backend)
     q, k, v = _qkv(5, heads, 48 + text, 64, torch.bfloat16, "cuda", seed=1)
-    with use_strategy(strategy):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            gk.guided_attention(q, k, v, **kw)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            captured = gk.guided_attention(q, k, v, **kw)
-        for step in range(2):
-            for t, new in zip((q, k, v), _qkv(5, heads, 48 + text, 64, torch.bfloat16, "cuda", seed=10 + step)):
-                t.copy_(new)
-            graph.replay()
-            expect = gk.guided_attention(q, k, v, **kw)
-            torch.cuda.synchronize()
-            assert torch.equal(captured, expect), f"replay {step} differs from the eager call"
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        gk.guided_attention(q, k, v, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = gk.guided_attention(q, k, v, **kw)
+    for step in range(2):
+        for t, new in zip((q, k, v), _qkv(5, heads, 48 + text, 64, torch.bfloat16, "cuda", seed=10 + step)):
+            t.copy_(new)
+        graph.replay()
+        expect = gk.guided_attention(q, k, v, **kw)
+        torch.cuda.synchronize()
+        assert torch.equal(captured, expect), f"replay {step} differs from the eager call"
 
 
 def test_empty_inputs(lane):
@@ -461,14 +483,15 @@ def test_short_cuts_skip_the_quadratic_work():
     q, k, v = _qkv(2, heads, n, d, torch.float32, "cpu")
 
     def run(modes, text=0, qkv=(q, k, v)):
-        return _flops(lambda: torch_backend(*qkv, modes, [0.0] * 2, [0] * 2, h, w, text, False, 0.2, "bhnd"))
+        args = GuidedAttentionArgs(*qkv, modes, [0.0] * 2, [0] * 2, h, w, text, False, 0.2, "bhnd")
+        return _flops(lambda: torch_backend(args))
 
     full = 2 * 2 * 2 * heads * n * n * d  # QKᵀ and PV of two items (CPU SDPA has no FLOP formula)
-    mean = run([L.MODE_MEAN] * 2)
+    mean = run([Mode.MEAN] * 2)
     assert 0 < mean <= 2 * 2 * 2 * heads * n * d
-    assert run([L.MODE_IDENTITY] * 2) == 0
+    assert run([Mode.IDENTITY] * 2) == 0
     text = 16
-    joint = run([L.MODE_IDENTITY] * 2, text, _qkv(2, heads, n + text, d, torch.float32, "cpu"))
+    joint = run([Mode.IDENTITY] * 2, text, _qkv(2, heads, n + text, d, torch.float32, "cpu"))
     assert 0 < joint <= 2 * 2 * 2 * heads * ((n + text) * text * d + text * (n + text) * d)
     assert joint * 10 < full
 
@@ -536,6 +559,14 @@ def test_backend_checks_explain_and_fall_back():
                                                                                      fp32))
     ok = backends.Request("cuda", 0, torch.bfloat16, (("head_dim", 160),))
     assert not [r for r in backends.unsupported_reasons("guided_attention", "triton", ok) if "head dim" in r]
+    # triton_sdpa runs our kernel only for identity / σ = ∞ items: without them SDPA serves any head dim
+    wide = (("head_dim", 512), ("kernel_items", False))
+    assert not [r for r in backends.unsupported_reasons("guided_attention", "triton_sdpa",
+                                                        backends.Request("cuda", 0, torch.float32, wide))
+                if "head dim" in r]
+    wide = (("head_dim", 512), ("kernel_items", True))
+    assert any("head dim 512 > 256" in r for r in backends.unsupported_reasons(
+        "guided_attention", "triton_sdpa", backends.Request("cuda", 0, torch.float32, wide)))
     q = torch.randn(1, 1, 4, 512)
     with pytest.raises(gk.BackendError, match="guided_attention: backend 'triton' cannot serve this call:.*head dim "
                                               "512 > 256"):
@@ -553,7 +584,7 @@ def test_backend_checks_explain_and_fall_back():
 def test_opcheck():
     op = torch.ops.guidance_kernels.guided_attention
     q, k, v = _qkv(4, 2, 20 + 3, 8, torch.float32, "cpu")
-    modes = [L.MODE_NONE, L.MODE_IDENTITY, L.MODE_BLUR, L.MODE_MEAN]
+    modes = [int(m) for m in (Mode.NONE, Mode.IDENTITY, Mode.BLUR, Mode.MEAN)]
     torch.library.opcheck(op, (q, k, v, modes, [0.0, 0.0, 1.0, 0.0], [0, 0, 5, 0], 4, 5, 3, False, 0.3, "bhnd",
                                "torch"))
     torch.library.opcheck(op, (q, k, v, modes, [0.0, 0.0, 1.0, 0.0], [0, 0, 3, 0], 4, 5, 3, True, 0.3, "bnd",

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import guidance_kernels as gk
 from conftest import HAS_CUDA, LANES, lane_id
-from guidance_kernels import _sag_plan
+from guidance_kernels import _spec
 from guidance_kernels import reference as R
 from helpers import DTYPES, EPS, assert_close_to_truth, make_strided, to64
 
@@ -277,7 +277,7 @@ def test_nearest_scale_reproduces_f_interpolate():
         src = torch.arange(in_size, dtype=torch.float32).view(1, 1, 1, -1)
         for out_size in range(1, 71):
             want = F.interpolate(src, (1, out_size), mode="nearest").view(-1).long()
-            scale = torch.tensor(_sag_plan.nearest_scale(in_size, out_size), dtype=torch.float32)
+            scale = torch.tensor(_spec.nearest_scale(in_size, out_size), dtype=torch.float32)
             got = torch.minimum(torch.floor(torch.arange(out_size, dtype=torch.float32) * scale).long(),
                                 torch.tensor(in_size - 1))
             assert torch.equal(got, want), (in_size, out_size)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends, reference
-from ..combine import apg_combine, cfg_zero_star_combine, guidance_combine
+from .. import apg_combine, cfg_zero_star_combine, guidance_combine
 from ..terms import cfg, pag
 from .harness import Case, Provider
 

@@ -8,10 +8,10 @@ Flux-like (24 heads, 4096 image + 512 text tokens, d = 128) — each case side b
   goals compare against the fastest of them;
 * the eager reference (SEG-SDXL's blur + SDPA, diffusers' PAG processors: dense S×S mask for joint
   attention) and ``torch.compile`` of it;
-* our backends: ``triton (fused)`` — blur / mean pre-passes and ONE flash-attention launch for the
-  whole mixed batch —, ``triton (blur + SDPA)`` — the same pre-passes feeding torch's SDPA, the
-  kernel only for identity / σ = ∞ items — and ``torch``. The faster triton variant should be
-  ``triton.guided_attention.DEFAULT_STRATEGY``.
+* our backends: ``triton`` — blur / mean pre-passes and ONE flash-attention launch for the
+  whole mixed batch —, ``triton_sdpa`` — the same pre-passes feeding torch's SDPA, the
+  kernel only for identity / σ = ∞ items — and ``torch``. The faster triton backend should come
+  first in guided_attention's backend priority.
 
 CPU (fp32, small shapes): the algorithmic wins of the torch backend — separable blur against the
 reference's k×k convolution, σ = ∞ as one attention row per (item, head), identity and joint PAG
@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends, reference
-from ..attention import blur_kernel_size, gaussian_blur_2d, guided_attention
+from .. import gaussian_blur_2d, guided_attention
+from .._spec import blur_kernel_size
 from .harness import Case, Provider
 
 OPS = ["guided_attention", "gaussian_blur_2d"]
@@ -55,21 +56,9 @@ def _usable(op: str, x: torch.Tensor, facts: tuple = ()) -> list[str]:
 
 
 def _ours_attention(q, k, v, kw) -> list[Provider]:
-    providers = []
-    for backend in _usable("guided_attention", q, (("head_dim", q.shape[-1]),)):
-        if backend == "triton":
-            from ..triton.guided_attention import use_strategy
-
-            def strategy(name, q=q, k=k, v=v):
-                with use_strategy(name):
-                    return guided_attention(q, k, v, backend="triton", **kw)
-
-            providers.append(Provider("triton (fused)", (lambda: strategy("fused")), ours=True))
-            providers.append(Provider("triton (blur + SDPA)", (lambda: strategy("sdpa")), ours=True))
-        else:
-            providers.append(Provider(backend, (lambda b=backend: guided_attention(q, k, v, backend=b, **kw)),
-                                      ours=True))
-    return providers
+    facts = (("head_dim", q.shape[-1]), ("kernel_items", True))
+    return [Provider(backend, (lambda b=backend: guided_attention(q, k, v, backend=b, **kw)), ours=True)
+            for backend in _usable("guided_attention", q, facts)]
 
 
 def _reference(ref, gpu: bool) -> list[Provider]:
@@ -85,8 +74,8 @@ def _best(rows: dict, names) -> float | None:
 
 
 def _ours_best(rows: dict) -> float | None:
-    """The faster triton variant: what automatic selection runs on a GPU once DEFAULT_STRATEGY
-    names it (the torch backend, itself SDPA for plain items, does not count)."""
+    """The faster triton backend: what automatic selection runs on a GPU once the priority puts
+    it first (the torch backend, itself SDPA for plain items, does not count)."""
     times = [r.ms for r in rows.values() if r.ours and r.ms and r.provider.startswith("triton")]
     return min(times) if times else None
 

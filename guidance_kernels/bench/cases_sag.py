@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends, reference
-from ..sag import attention_key_mass, sag_degrade
+from .. import attention_key_mass, sag_degrade
 from .harness import Case, Provider
 
 

@@ -12,22 +12,21 @@ from __future__ import annotations
 
 import torch
 
-from .._sag_plan import heads_view
+from .._library import AttentionKeyMassArgs
+from .._spec import heads_view
+from ._common import compute_dtype
 
 # Scores per sample held at once (fp32: 8 MiB). A chunk is at least one query row.
 CHUNK_ELEMENTS = 1 << 21
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
-def attention_key_mass(q, k, v, heads, layout, scale, items):
+def attention_key_mass(a: AttentionKeyMassArgs):
+    q, k, v, heads, layout, scale, items = a
     out = q.new_empty(q.shape)
     q4, k4, v4, o4 = (heads_view(t, heads, layout) for t in (q, k, v, out))
     batch, _, n_q, _ = q4.shape
     n_k = k4.shape[2]
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     wanted = list(range(batch)) if items is None else list(items)
     mass = torch.zeros((len(wanted), n_k), dtype=torch.float32, device=q.device)
     rows = max(1, min(n_q, CHUNK_ELEMENTS // max(1, heads * n_k)))

@@ -16,30 +16,35 @@ import torch
 import torch.nn.functional as F
 
 from .._layout import output_like
-from .gaussian_blur_2d import separable_blur
+from .._library import SagDegradeArgs
+from ._common import compute_dtype, separable_blur
 
 
-def sag_degrade(x0, mask_map, thresholded, threshold, kernel_size, sigma, renoise, alpha, alpha_tensor, other,
-                return_degraded):
+def _alpha(a: SagDegradeArgs, dtype: torch.dtype, device) -> torch.Tensor:
+    if a.alpha_tensor is not None:
+        return a.alpha_tensor.to(dtype).reshape(-1, 1, 1, 1)
+    return torch.tensor([a.alpha], dtype=torch.float32, device=device).to(dtype).reshape(-1, 1, 1, 1)
+
+
+def sag_degrade(a: SagDegradeArgs):
+    x0 = a.x0
     if x0.numel() == 0:
-        return output_like(x0), output_like(x0) if return_degraded else x0.new_empty((0,))
-    dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+        return output_like(x0), output_like(x0) if a.return_degraded else x0.new_empty((0,))
+    dtype = compute_dtype(x0)
     x = x0.to(dtype)
-    batch, _, height, width = x.shape
+    _, _, height, width = x.shape
     # The threshold is compared in the compute dtype (float32 like the kernels), whatever the map's.
-    m = mask_map.to(dtype)
-    m = (m > threshold).to(dtype) if thresholded else m
+    m = a.mask_map.to(dtype)
+    m = (m > a.threshold).to(dtype) if a.thresholded else m
     m = F.interpolate(m.unsqueeze(1), (height, width), mode="nearest")
-    degraded = separable_blur(x, kernel_size, sigma) * m + x * (1 - m)
-    if renoise == "ddpm":
-        a = alpha_tensor.to(dtype) if alpha_tensor is not None else torch.tensor([alpha], dtype=torch.float32,
-                                                                                device=x.device).to(dtype)
-        a = a.reshape(-1, 1, 1, 1)
-        result = a.sqrt() * degraded + (1 - a).sqrt() * other.to(dtype)
-    elif renoise == "kdiff":
-        result = (degraded + other.to(dtype)) - x
+    degraded = separable_blur(x, a.kernel_size, a.sigma) * m + x * (1 - m)
+    if a.renoise == "ddpm":
+        alpha = _alpha(a, dtype, x.device)
+        result = alpha.sqrt() * degraded + (1 - alpha).sqrt() * a.other.to(dtype)
+    elif a.renoise == "kdiff":
+        result = (degraded + a.other.to(dtype)) - x
     else:
         result = degraded
     out = output_like(x0).copy_(result)
-    extra = output_like(x0).copy_(degraded) if return_degraded else x0.new_empty((0,))
+    extra = output_like(x0).copy_(degraded) if a.return_degraded else x0.new_empty((0,))
     return out, extra

@@ -22,21 +22,19 @@ All offsets are int64; every load/store is masked.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from .._sag_plan import heads_view
-
-LOG2E = 1.4426950408889634
+from .._library import AttentionKeyMassArgs
+from .._spec import heads_view
+from ._common import LOG2E, device_guard
 MASS_BLOCK = 256
 
 
 def config(head_dim: int, dtype: torch.dtype) -> dict:
     """Tile sizes per padded head dim: spill-free on sm_80/sm_90 and within the 99 KiB of shared
-    memory of sm_86/sm_89 (tests/aot_sag.py, tests/test_compile_lanes.py)."""
+    memory of sm_86/sm_89 (tests/aot_attention_key_mass.py, tests/test_compile_lanes.py)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if dtype == torch.float32:  # FMA dots (no tensor cores): smaller tiles
         if block_d <= 64:
@@ -146,10 +144,6 @@ def _head_mean_kernel(mass_ptr, partial_ptr, n_k, heads, inv_heads, BLOCK: tl.co
     tl.store(mass_ptr + slot * n_k + cols, total * inv_heads, mask=ok)
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _progression(items: list[int]) -> tuple[int, int] | None:
     """(start, step) when ``items`` is an arithmetic progression (every range(): no index tensor)."""
     if len(items) == 1:
@@ -160,7 +154,8 @@ def _progression(items: list[int]) -> tuple[int, int] | None:
     return None
 
 
-def attention_key_mass(q, k, v, heads, layout, scale, items):
+def attention_key_mass(a: AttentionKeyMassArgs):
+    q, k, v, heads, layout, scale, items = a
     out = q.new_empty(q.shape)
     q4, k4, v4, o4 = (heads_view(t, heads, layout) for t in (q, k, v, out))
     batch, _, n_q, head_dim = q4.shape
@@ -181,7 +176,7 @@ def attention_key_mass(q, k, v, heads, layout, scale, items):
     if progression is None:
         index = torch.tensor(wanted, dtype=torch.int32).to(q.device)
     start, step = progression if progression is not None else (0, 0)
-    with _device_guard(out):
+    with device_guard(out):
         _forward_kernel[(triton.cdiv(n_q, cfg["BLOCK_M"]), batch * heads)](
             o4, lse, q4, k4, v4, qk_scale, n_q, n_k, heads, triton.cdiv(n_k, cfg["BLOCK_N"]),
             *q4.stride(), *k4.stride(), *v4.stride(), *o4.stride(), **meta)

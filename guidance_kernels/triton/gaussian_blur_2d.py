@@ -1,6 +1,6 @@
 """Triton kernels of gaussian_blur_2d: a fused separable Gaussian blur and the exact spatial mean.
 
-Every layout is addressed as ``x[b, g, j, y, x]`` with five strides (:func:`geometry`): channel
+The record is ``_library.GaussianBlur2dArgs``. Every layout is addressed as ``x[b, g, j, y, x]`` with five strides (:func:`geometry`): channel
 ``c = g·D + j`` split into a "group" g and an inner index j so that both NCHW (``G = C, D = 1``,
 x contiguous) and token layouts (``(B, N, C)``: ``G = 1, D = C``; ``(B, heads, N, d)``:
 ``G = heads, D = d``; j contiguous) load contiguous vectors; token ``n`` sits at ``(n // W, n % W)``.
@@ -14,7 +14,7 @@ outside the kernel). Walking padded rows (not source rows) is what makes reflect
 source row reached twice near an edge contributes twice, as in the padded reference. Per output
 element that is about ``k·(1 + 2·pad / BLOCK_Y)`` horizontal plus ``BLOCK_Y + 2·pad`` vertical
 multiply-adds — ``BLOCK_Y ≈ k`` keeps both near ``2k`` — against ``k²`` for the reference's 2-D
-kernel. Weights are the float32 ``reference.gaussian_kernel_1d``; accumulation is float32.
+kernel. Weights are the float32 ``_spec.gaussian_kernel_1d``; accumulation is float32.
 
 σ = ∞ — TWO launches, no atomics (deterministic): ``_spatial_sum_kernel`` writes float32 partial
 sums per (item, group, chunk of positions); ``_mean_fill_kernel`` adds a sample's partials,
@@ -26,16 +26,15 @@ padded index maps into the grid with one reflection. All offsets are int64.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import _layout
-from ..torch_ops.gaussian_blur_2d import weights
+from .._library import GaussianBlur2dArgs
+from ._common import device_guard
 
 NUM_WARPS = 4
 MAX_TILE = 2048  # fp32 accumulator elements per program (16 registers per thread at 4 warps)
@@ -62,16 +61,6 @@ def geometry(t: torch.Tensor, layout: str, h: int, w: int) -> Geometry:
     if layout == "bhnd":
         return Geometry(t.shape[1], t.shape[3], h, w, (s[0], s[1], s[3], w * s[2], s[2]))
     raise ValueError(f"unknown layout {layout!r}")
-
-
-@lru_cache(maxsize=64)
-def index_tensor(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """A cached int32 tensor of ``values`` on ``device`` (no host-to-device copy per call)."""
-    return torch.tensor(values, dtype=torch.int32, device=device)
-
-
-def device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # --------------------------------------------------------------------------- kernels
@@ -211,7 +200,7 @@ def blur_into(out: torch.Tensor, out_geo: Geometry, x: torch.Tensor, geo: Geomet
         # the public function never passes these; the raw op must not read outside the grid either
         raise ValueError(f"gaussian_blur_2d: kernel_size: {kernel_size} is not an odd size whose reflect "
                          f"padding fits the grid {(geo.height, geo.width)}")
-    w = weights(kernel_size, sigma, x.device, torch.float32)
+    w = _layout.blur_weights_like(x, kernel_size, sigma, torch.float32)
     block_y, block_x, block_j = blur_blocks(kernel_size, geo)
     tiles_x = triton.cdiv(geo.width, block_x)
     tiles_j = triton.cdiv(geo.inner, block_j)
@@ -254,14 +243,15 @@ def mean_into(out: torch.Tensor, out_geo: Geometry, x: torch.Tensor, geo: Geomet
             PARTS_P=triton.next_power_of_2(parts), BLOCK_P=block_p, BLOCK_J=block_j, num_warps=NUM_WARPS)
 
 
-def gaussian_blur_2d(x, grid_h, grid_w, layout, kernel_size, sigma):
+def gaussian_blur_2d(a: GaussianBlur2dArgs):
+    x = a.x
     out = _layout.output_like(x)
     if out.numel() == 0:
         return out
-    geo = geometry(x, layout, grid_h, grid_w)
-    out_geo = geometry(out, layout, grid_h, grid_w)
-    if kernel_size == 0:
+    geo = geometry(x, a.layout, a.grid_h, a.grid_w)
+    out_geo = geometry(out, a.layout, a.grid_h, a.grid_w)
+    if a.kernel_size == 0:
         mean_into(out, out_geo, x, geo, x.shape[0])
     else:
-        blur_into(out, out_geo, x, geo, kernel_size, sigma, None, x.shape[0])
+        blur_into(out, out_geo, x, geo, a.kernel_size, a.sigma, None, x.shape[0])
     return out

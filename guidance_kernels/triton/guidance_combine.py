@@ -25,14 +25,14 @@ of the co-moments; the (cond, cond − uncond) basis avoids cancellation when co
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
 from .. import _layout
-from .._checks import split_branches
+from .._layout import split_branches
+from .._library import ApgCombineArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs
+from ._common import device_guard
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -312,10 +312,6 @@ def _projected_kernel(out_ptr, xs, stats_ptr, buf_ptr, w, w_ptr, w_stride, eta, 
 # --------------------------------------------------------------------------- launchers
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _geometry(plan: _layout.Plan) -> tuple[int, ...]:
     n0, n1, n2 = plan.sizes
     s0, s1, s2 = plan.strides
@@ -349,10 +345,10 @@ def _phi_args(rescale, rescale_tensor, dummy):
     return 0.0, rescale_tensor, 0 if rescale_tensor.numel() == 1 else 1, True
 
 
-def guidance_combine(preds, num_branches, base, pos, neg, scales, scale_tensors, rescale, rescale_tensor,
-                     rescale_ref):
-    branches = split_branches(preds, num_branches)
-    do_rescale = rescale_tensor is not None or rescale > 0
+def guidance_combine(a: GuidanceCombineArgs):
+    base, pos, neg, rescale_ref = a.base, a.pos, a.neg, a.rescale_ref
+    branches = split_branches(a.preds, a.num_branches)
+    do_rescale = a.rescaling
     used = sorted({base, *pos, *neg, *([rescale_ref] if do_rescale else [])})
     slot = {k: i for i, k in enumerate(used)}
     out = _layout.output_like(branches[0])
@@ -360,15 +356,15 @@ def guidance_combine(preds, num_branches, base, pos, neg, scales, scale_tensors,
     if out.numel() == 0:
         return out
     xs = plan.tensors
-    gs, gps, gss, flags = _scale_args(scales, scale_tensors, out)
+    gs, gps, gss, flags = _scale_args(a.scales, a.scale_tensors, out)
     terms = tuple((slot[p], slot[n], f) for p, n, f in zip(pos, neg, flags)) or ((0, 0, False),)
     tiles = triton.cdiv(plan.inner, BLOCK)
-    with _device_guard(out):
+    with device_guard(out):
         stats, parts = out, 1
         if do_rescale:
             stats, parts = _moments(plan, out, xs, kind=0, base=slot[base], terms=terms, nt=len(pos), gs=gs,
                                     gps=gps, gss=gss, ref=slot[rescale_ref])
-        phi, phi_ptr, phi_stride, phi_tensor = _phi_args(rescale, rescale_tensor, out)
+        phi, phi_ptr, phi_stride, phi_tensor = _phi_args(a.rescale, a.rescale_tensor, out)
         _combine_kernel[(plan.batch * tiles,)](
             out, xs, gs, gps, gss, stats, phi, phi_ptr, phi_stride,
             plan.inner, tiles, parts, *_geometry(plan),
@@ -377,20 +373,20 @@ def guidance_combine(preds, num_branches, base, pos, neg, scales, scale_tensors,
     return out
 
 
-def _projected(kind, preds, num_branches, cond, uncond, scale, scale_tensor, *, eta=1.0, threshold=0.0,
-               momentum=0.0, buf=None, formulation=0, rescale=0.0, rescale_tensor=None):
-    branches = split_branches(preds, num_branches)
+def _projected(kind, a, *, eta=1.0, threshold=0.0, momentum=0.0, buf=None, formulation=0):
+    scale, scale_tensor, rescale, rescale_tensor = a.scale, a.scale_tensor, a.rescale, a.rescale_tensor
+    branches = split_branches(a.preds, a.num_branches)
     out = _layout.output_like(branches[0])
-    plan = _layout.plan([branches[cond], branches[uncond]], out)
+    plan = _layout.plan([branches[a.cond], branches[a.uncond]], out)
     if out.numel() == 0:
         return out
     xs = plan.tensors
-    do_rescale = rescale_tensor is not None or rescale > 0
+    do_rescale = a.rescaling
     tiles = triton.cdiv(plan.inner, BLOCK)
     w_ptr = scale_tensor if scale_tensor is not None else out
     w_stride = 0 if scale_tensor is None or scale_tensor.numel() == 1 else 1
     phi, phi_ptr, phi_stride, phi_tensor = _phi_args(rescale, rescale_tensor, out)
-    with _device_guard(out):
+    with device_guard(out):
         stats, parts = _moments(plan, out, xs, kind=kind, cond=0, uncond=1, buf=buf, momentum=momentum)
         _projected_kernel[(plan.batch * tiles,)](
             out, xs, stats, buf if buf is not None else out, float(scale), w_ptr, w_stride, float(eta),
@@ -401,14 +397,13 @@ def _projected(kind, preds, num_branches, cond, uncond, scale, scale_tensor, *, 
     return out
 
 
-def apg_combine(preds, num_branches, cond, uncond, scale, scale_tensor, eta, norm_threshold, momentum,
-                momentum_buffer, formulation, rescale, rescale_tensor):
-    return _projected(1, preds, num_branches, cond, uncond, scale, scale_tensor, eta=eta, threshold=norm_threshold,
-                      momentum=momentum, buf=momentum_buffer, formulation=FORMULATIONS[formulation],
-                      rescale=rescale, rescale_tensor=rescale_tensor)
+def apg_combine(a: ApgCombineArgs):
+    return _projected(1, a, eta=a.eta, threshold=a.norm_threshold, momentum=a.momentum, buf=a.momentum_buffer,
+                      formulation=FORMULATIONS[a.formulation])
 
 
-def cfg_zero_star_combine(preds, num_branches, cond, uncond, scale, scale_tensor, original_formulation, rescale,
-                          rescale_tensor):
-    return _projected(2, preds, num_branches, cond, uncond, scale, scale_tensor,
-                      formulation=1 if original_formulation else 0, rescale=rescale, rescale_tensor=rescale_tensor)
+apg_combine_momentum = apg_combine  # the same launcher: the record carries the buffer
+
+
+def cfg_zero_star_combine(a: CfgZeroStarCombineArgs):
+    return _projected(2, a, formulation=1 if a.original_formulation else 0)

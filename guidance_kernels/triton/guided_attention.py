@@ -1,9 +1,10 @@
 """Triton kernels of guided_attention: flash attention with PAG / SEG perturbations built in.
 
-Inputs are the op arguments: ``(B, heads, N, d)`` views (any strides), one mode per item
-(``_library.MODE_*``), the blur items' σ and kernel sizes, the image grid and the text block.
+The record (``_library.GuidedAttentionArgs``) holds ``(B, heads, N, d)`` views (any strides), one
+lowered ``_spec.Mode`` per item (turned into the kernel's per-item ``Work`` by :func:`work_codes`),
+the blur items' σ and kernel sizes, the image grid and the text block.
 
-Launches with ``strategy="fused"``:
+Launches of the ``"triton"`` backend:
 
 1. blur items only — ``gaussian_blur_2d._blur_kernel`` writes the blurred image queries of every
    blur item into a compact ``(n_blur, heads, H·W, d)`` buffer (one launch per distinct σ; the
@@ -34,16 +35,14 @@ with the weights split into two bf16 parts for fp32-accurate weights — about +
 attention for σ = 1 (k = 7) on a 64×64 grid, about +100% for σ = 10 — while the pre-pass costs
 one read and write of the blurred items' image queries (~2% of SDXL's N = 4096 attention).
 
-``strategy="sdpa"`` (the default) instead runs torch's ``scaled_dot_product_attention`` (its
-fastest backend) on the none / blur items — their image queries blurred by the same kernel — and
-launches ``_attention_kernel`` only for the identity and σ = ∞ items (the others are skipped).
+Two backends share these kernels (``backends`` registers both, each with its own support check):
 
-The benchmark times both (``triton (fused)`` / ``triton (blur + SDPA)``); ``DEFAULT_STRATEGY`` must
-name the faster on the target GPU. No GPU run has been made yet, so it is set by prediction: on
-H100 torch's SDPA backends (FlashAttention-2, cuDNN's Hopper kernels using wgmma/TMA) should beat
-this portable Triton kernel on plain attention by more than the ~3% the sdpa strategy pays for
-gathering the attended items and scattering the result, and the blur pre-pass is shared by both.
-Re-check with ``python -m guidance_kernels bench --ops guided_attention`` on a GPU.
+* ``"triton"`` — everything above, in our kernels;
+* ``"triton_sdpa"`` — torch's ``scaled_dot_product_attention`` (its fastest backend: FlashAttention-2
+  or cuDNN on Hopper) on the none / blur items, their image queries blurred by the same pre-pass,
+  and ``_attention_kernel`` only for the identity and σ = ∞ items (the others are skipped).
+  Which is faster on a GPU is measured by the benchmark (``benchmarks/README.md`` records the
+  status of the default priority).
 
 fp32 inputs use IEEE fp32 dot products (never tf32). Item and head offsets are int64; offsets
 inside one (item, head) slice are int32 unless the slice spans 2**31 elements (``OFF64``).
@@ -52,7 +51,7 @@ Tile sizes: :func:`attention_config` (spill-free for sm_80 and sm_90 per the AOT
 
 from __future__ import annotations
 
-import contextlib
+import enum
 
 import torch
 import torch.nn.functional as F
@@ -60,37 +59,37 @@ import triton
 import triton.language as tl
 
 from .. import _layout
-from .._library import MODE_BLUR, MODE_IDENTITY, MODE_MEAN, MODE_NONE, attention_out
-from ..torch_ops.guided_attention import put_items, take_items
-from .gaussian_blur_2d import Geometry, blur_into, device_guard, index_tensor, spatial_sums
-
-STRATEGIES = ("fused", "sdpa")
-DEFAULT_STRATEGY = "sdpa"  # a prediction until measured on a GPU: see the module docstring
-_strategy: list[str] = []  # use_strategy's stack (benchmark and tests)
+from .._layout import put_items, take_items
+from .._library import GuidedAttentionArgs, attention_out
+from .._spec import Mode
+from ._common import LOG2E, device_guard, index_tensor
+from .gaussian_blur_2d import Geometry, blur_into, spatial_sums
 
 
-@contextlib.contextmanager
-def use_strategy(strategy: str):
-    """Run the triton backend's guided_attention with ``strategy`` inside the block (eager calls;
-    for the benchmark and the tests, which time / check both)."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"use_strategy: strategy: must be one of {STRATEGIES}, got {strategy!r}")
-    _strategy.append(strategy)
-    try:
-        yield
-    finally:
-        _strategy.pop()
+class Work(enum.IntEnum):
+    """What ``_attention_kernel`` does for an item: the kernel's vocabulary, derived from the item's
+    ``_spec.Mode`` by :func:`work_codes` alone."""
+
+    FULL = 0  # flash attention
+    COPY = 1  # identity without text: a copy of v
+    BLUR = 2  # flash attention, image queries from the blurred buffer
+    MEAN = 3  # σ = ∞: image rows from the mean-row states, text rows attend
+    JOINT = 4  # identity with text: own key + text keys for image rows
+    SKIP = 5  # served elsewhere (triton_sdpa: by torch SDPA)
 
 
-LOG2E = 1.4426950408889634
+def work_codes(modes: list[int], text_tokens: int) -> list[Work]:
+    """Each item's kernel work for its (lowered) mode."""
+    table = {Mode.NONE: Work.FULL, Mode.BLUR: Work.BLUR, Mode.MEAN: Work.MEAN,
+             Mode.IDENTITY: Work.COPY if text_tokens == 0 else Work.JOINT}
+    return [table[Mode(m)] for m in modes]
 
-# Per-item work codes read by _attention_kernel (host ints, and the same values as kernel constants).
-FULL, COPY, BLUR, MEAN, JOINT, SKIP = range(6)
-K_COPY: tl.constexpr = tl.constexpr(COPY)
-K_BLUR: tl.constexpr = tl.constexpr(BLUR)
-K_MEAN: tl.constexpr = tl.constexpr(MEAN)
-K_JOINT: tl.constexpr = tl.constexpr(JOINT)
-K_SKIP: tl.constexpr = tl.constexpr(SKIP)
+
+K_COPY: tl.constexpr = tl.constexpr(int(Work.COPY))
+K_BLUR: tl.constexpr = tl.constexpr(int(Work.BLUR))
+K_MEAN: tl.constexpr = tl.constexpr(int(Work.MEAN))
+K_JOINT: tl.constexpr = tl.constexpr(int(Work.JOINT))
+K_SKIP: tl.constexpr = tl.constexpr(int(Work.SKIP))
 ROW_TILE = 4096  # elements of a (keys, BLOCK_D) tile in _mean_row_kernel
 MAX_SPLITS = 64
 
@@ -310,24 +309,20 @@ def _needs_int64(*tensors) -> bool:
     return span >= 2**31 - 1
 
 
-def _work_codes(modes: list[int], text_tokens: int) -> list[int]:
-    codes = {MODE_NONE: FULL, MODE_BLUR: BLUR, MODE_MEAN: MEAN}
-    return [codes[m] if m != MODE_IDENTITY else (COPY if text_tokens == 0 else JOINT) for m in modes]
-
-
-def _blurred_queries(q_img, modes, sigmas, kernel_sizes, grid_h, grid_w):
+def _blurred_queries(a: GuidedAttentionArgs, q_img: torch.Tensor):
     """Blurred image queries of the blur items: (n_blur, heads, H·W, d) and each item's slot."""
     b, heads, n_img, d = q_img.shape
     configs: dict[tuple[int, float], list[int]] = {}
-    for i, mode in enumerate(modes):
-        if mode == MODE_BLUR:
-            configs.setdefault((kernel_sizes[i], sigmas[i]), []).append(i)
+    for i, mode in enumerate(a.modes):
+        if mode == Mode.BLUR:
+            configs.setdefault((a.kernel_sizes[i], a.sigmas[i]), []).append(i)
     slots = {}
     total = sum(len(items) for items in configs.values())
     qb = torch.empty((total, heads, n_img, d), dtype=q_img.dtype, device=q_img.device)
     sb, sh, sn, sd = q_img.stride()
-    geo = Geometry(heads, d, grid_h, grid_w, (sb, sh, sd, grid_w * sn, sn))
-    out_geo = Geometry(heads, d, grid_h, grid_w, (qb.stride(0), qb.stride(1), 1, grid_w * qb.stride(2), qb.stride(2)))
+    geo = Geometry(heads, d, a.grid_h, a.grid_w, (sb, sh, sd, a.grid_w * sn, sn))
+    out_geo = Geometry(heads, d, a.grid_h, a.grid_w,
+                       (qb.stride(0), qb.stride(1), 1, a.grid_w * qb.stride(2), qb.stride(2)))
     start = 0
     for (size, sigma), items in configs.items():
         for j, i in enumerate(items):
@@ -341,7 +336,7 @@ def _mean_rows(q_img, k, v, modes, qk_scale, block_d):
     """Split online-softmax states (n_mean·heads, n_part, 2 + block_d) of the σ = ∞ items' mean
     query rows, and each item's slot."""
     b, heads, n_img, d = q_img.shape
-    items = [i for i, mode in enumerate(modes) if mode == MODE_MEAN]
+    items = [i for i, mode in enumerate(modes) if mode == Mode.MEAN]
     slots = {i: j for j, i in enumerate(items)}
     index = index_tensor(tuple(items), q_img.device)
     sb, sh, sn, sd = q_img.stride()
@@ -359,69 +354,99 @@ def _mean_rows(q_img, k, v, modes, qk_scale, block_d):
     return part, n_part, slots
 
 
-def guided_attention(q, k, v, modes, sigmas, kernel_sizes, grid_h, grid_w, text_tokens, text_before, scale, layout,
-                     strategy: str | None = None):
-    strategy = strategy or (_strategy[-1] if _strategy else DEFAULT_STRATEGY)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"guided_attention: strategy: must be one of {STRATEGIES}, got {strategy!r}")
-    out = attention_out(q, layout)
-    if out.numel() == 0:
-        return out
-    batch, heads, nq, d = q.shape
-    nk = k.shape[2]
-    n_img = nq - text_tokens
-    # The public function guarantees these; the raw op must not read out of bounds either.
-    if any(m != MODE_NONE for m in modes) and nk != nq:
+def _check_addressable(a: GuidedAttentionArgs) -> None:
+    """The public function guarantees these; the raw op must not read out of bounds either."""
+    nq, nk = a.q.shape[2], a.k.shape[2]
+    if any(m != Mode.NONE for m in a.modes) and nk != nq:
         raise ValueError("guided_attention: k: identity / blur items need self-attention (Nk == Nq)")
-    if any(m in (MODE_BLUR, MODE_MEAN) for m in modes) and grid_h * grid_w != n_img:
-        raise ValueError(f"guided_attention: grid: {(grid_h, grid_w)} does not cover the {n_img} image tokens")
-    img0 = text_tokens if text_before else 0
-    text0 = 0 if text_before else n_img
-    block_d, block_m, block_n, num_warps, num_stages = attention_config(d, q.dtype)
-    qk_scale = float(scale) * LOG2E
-    q_img = q[:, :, img0:img0 + n_img]
-    codes = _work_codes(modes, text_tokens)
-    if all(c == COPY for c in codes):
-        return out.copy_(v)  # PAG items only: one bit-exact copy, at copy bandwidth
-    slots = [0] * batch
+    if any(m in (Mode.BLUR, Mode.MEAN) for m in a.modes) and a.grid_h * a.grid_w != nq - a.text_tokens:
+        raise ValueError(f"guided_attention: grid: {(a.grid_h, a.grid_w)} does not cover the "
+                         f"{nq - a.text_tokens} image tokens")
+
+
+def _prepare(a: GuidedAttentionArgs, config):
+    """The pre-passes: blurred queries of the blur items and the mean-row states of the σ = ∞ items.
+    Returns (per-item slot, blurred buffer or None, split states or None, number of splits)."""
+    block_d = config[0]
+    q_img = a.q[:, :, a.image_rows]
+    slots = [0] * a.q.shape[0]
     qb = part = None
     n_part = 1
-    if MODE_BLUR in modes:
-        qb, blur_slots = _blurred_queries(q_img, modes, sigmas, kernel_sizes, grid_h, grid_w)
+    if Mode.BLUR in a.modes:
+        qb, blur_slots = _blurred_queries(a, q_img)
         for i, s in blur_slots.items():
             slots[i] = s
-    if MODE_MEAN in modes:
-        part, n_part, mean_slots = _mean_rows(q_img, k, v, modes, qk_scale, block_d)
+    if Mode.MEAN in a.modes:
+        part, n_part, mean_slots = _mean_rows(q_img, a.k, a.v, a.modes, float(a.scale) * LOG2E, block_d)
         for i, s in mean_slots.items():
             slots[i] = s
-    if strategy == "sdpa":
-        attended = [i for i, c in enumerate(codes) if c in (FULL, BLUR)]
-        if attended:
-            q_att = take_items(q, attended)
-            if qb is not None:
-                q_att = q_att.clone()
-                for j, i in enumerate(attended):
-                    if codes[i] == BLUR:
-                        q_att[j, :, img0:img0 + n_img].copy_(qb[slots[i]])
-            k_att, v_att = take_items(k, attended), take_items(v, attended)
-            result = F.scaled_dot_product_attention(q_att, k_att, v_att, scale=scale)
-            put_items(out, attended, slice(None), result)
-            for i in attended:
-                codes[i] = SKIP
-        if all(c == SKIP for c in codes):
-            return out
-    info = index_tensor(tuple(x for pair in zip(codes, slots) for x in pair), q.device)
+    return slots, qb, part, n_part
+
+
+def _launch(a: GuidedAttentionArgs, out, codes, slots, qb, part, n_part, config) -> None:
+    """ONE launch of ``_attention_kernel`` over (query tile, item, head) for every item not SKIP."""
+    q, k, v = a.q, a.k, a.v
+    batch, heads, nq, d = q.shape
+    block_d, block_m, block_n, num_warps, num_stages = config
+    n_img = nq - a.text_tokens
+    img0 = a.image_rows.start
+    text0 = a.text_rows.start
+    info = index_tensor(tuple(int(x) for pair in zip(codes, slots) for x in pair), q.device)
     tiles_img = triton.cdiv(n_img, block_m)
-    tiles_m = tiles_img + triton.cdiv(text_tokens, block_m)
+    tiles_m = tiles_img + triton.cdiv(a.text_tokens, block_m)
     dummy = out
     with device_guard(q):
         _attention_kernel[(tiles_m * batch * heads,)](
             out, q, k, v, qb if qb is not None else dummy, part if part is not None else dummy, info,
-            qk_scale, heads, nk, img0, n_img, text0, text_tokens, n_part, tiles_img, tiles_m,
+            float(a.scale) * LOG2E, heads, k.shape[2], img0, n_img, text0, a.text_tokens, n_part, tiles_img, tiles_m,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *(qb.stride()[:3] if qb is not None else (0, 0, 0)),
             HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, PART_P=triton.next_power_of_2(n_part),
-            HAS_COPY=COPY in codes, HAS_BLUR=BLUR in codes, HAS_MEAN=MEAN in codes, HAS_JOINT=JOINT in codes,
-            IEEE=q.dtype == torch.float32, OFF64=_needs_int64(q, k, v, out, qb), STAGES=num_stages,
-            num_warps=num_warps)
+            HAS_COPY=Work.COPY in codes, HAS_BLUR=Work.BLUR in codes, HAS_MEAN=Work.MEAN in codes,
+            HAS_JOINT=Work.JOINT in codes, IEEE=q.dtype == torch.float32, OFF64=_needs_int64(q, k, v, out, qb),
+            STAGES=num_stages, num_warps=num_warps)
+
+
+def guided_attention(a: GuidedAttentionArgs):
+    """The ``"triton"`` backend: every item in our kernels."""
+    out = attention_out(a.q, a.layout)
+    if out.numel() == 0:
+        return out
+    _check_addressable(a)
+    codes = work_codes(a.modes, a.text_tokens)
+    if all(c == Work.COPY for c in codes):
+        return out.copy_(a.v)  # PAG items only: one bit-exact copy, at copy bandwidth
+    config = attention_config(a.q.shape[3], a.q.dtype)
+    slots, qb, part, n_part = _prepare(a, config)
+    _launch(a, out, codes, slots, qb, part, n_part, config)
+    return out
+
+
+def guided_attention_sdpa(a: GuidedAttentionArgs):
+    """The ``"triton_sdpa"`` backend: torch SDPA for the none / blur items (blurred by our pre-pass),
+    our kernel for the identity and σ = ∞ items."""
+    out = attention_out(a.q, a.layout)
+    if out.numel() == 0:
+        return out
+    _check_addressable(a)
+    codes = work_codes(a.modes, a.text_tokens)
+    if all(c == Work.COPY for c in codes):
+        return out.copy_(a.v)
+    config = attention_config(a.q.shape[3], a.q.dtype)
+    slots, qb, part, n_part = _prepare(a, config)
+    attended = [i for i, c in enumerate(codes) if c in (Work.FULL, Work.BLUR)]
+    if attended:
+        q_att = take_items(a.q, attended)
+        if qb is not None:
+            q_att = q_att.clone()
+            for j, i in enumerate(attended):
+                if codes[i] == Work.BLUR:
+                    q_att[j, :, a.image_rows].copy_(qb[slots[i]])
+        result = F.scaled_dot_product_attention(q_att, take_items(a.k, attended), take_items(a.v, attended),
+                                                scale=a.scale)
+        put_items(out, attended, slice(None), result)
+        for i in attended:
+            codes[i] = Work.SKIP
+    if any(c != Work.SKIP for c in codes):
+        _launch(a, out, codes, slots, qb, part, n_part, config)
     return out

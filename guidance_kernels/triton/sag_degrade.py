@@ -11,7 +11,7 @@ One program computes a ``BLOCK_H × BLOCK_W`` tile of one (sample, channel) plan
   neighbouring outputs of the same tile. (Unrolling all k² taps instead made ptxas hoist every
   load: 255 registers and spills on sm_90.)
 * mask: the (B|1, h, w) map at the nearest source cell ``min(floor(y·scale_y), h − 1)`` with the
-  float32 scale of ``F.interpolate(mode="nearest")`` (``_sag_plan.nearest_scale``), thresholded
+  float32 scale of ``F.interpolate(mode="nearest")`` (``_spec.nearest_scale``), thresholded
   ``> threshold`` for a key mass, used as blend weight for a ready mask.
 * ``degraded = blurred·m + x0·(1 − m)``, then the re-noise (RENOISE 0 none, 1 DDPM with per-sample
   ᾱ, 2 k-diffusion ``(degraded + x_t) − x0``) and the store in x0's dtype.
@@ -22,15 +22,14 @@ channels-last inputs need no copies. Masked lanes never touch memory.
 
 from __future__ import annotations
 
-import contextlib
-
-import torch
 import triton
 import triton.language as tl
 
 from .. import _layout
 from ..backends import triton_interpreter
-from .._sag_plan import RENOISE, blur_weights, map_for_kernel, nearest_scale
+from .._library import SagDegradeArgs
+from .._spec import RENOISE, blur_weights, nearest_scale
+from ._common import device_guard
 
 BLOCK_H = 8
 BLOCK_W = 32
@@ -119,18 +118,15 @@ def _degrade_kernel(out_ptr, deg_ptr, x_ptr, other_ptr, map_ptr, alpha_ptr,
         tl.store(deg_ptr + o_off, degraded.to(deg_ptr.dtype.element_ty), mask=valid)
 
 
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
-def sag_degrade(x0, mask_map, thresholded, threshold, kernel_size, sigma, renoise, alpha, alpha_tensor, other,
-                return_degraded):
+def sag_degrade(a: SagDegradeArgs):
+    x0, thresholded, threshold, kernel_size, sigma = a.x0, a.thresholded, a.threshold, a.kernel_size, a.sigma
+    renoise, alpha, alpha_tensor, other, return_degraded = a.renoise, a.alpha, a.alpha_tensor, a.other, a.return_degraded
     out = _layout.output_like(x0)
     degraded = _layout.output_like(x0) if return_degraded else x0.new_empty((0,))
     batch, channels, height, width = x0.shape
     if out.numel() == 0:
         return out, degraded
-    mask_map = map_for_kernel(mask_map)
+    mask_map = _layout.map_for_kernel(a.mask_map)
     map_b, map_h, map_w = mask_map.shape
     other_t = other if other is not None else x0
     alpha_t = alpha_tensor if alpha_tensor is not None else out
@@ -138,7 +134,7 @@ def sag_degrade(x0, mask_map, thresholded, threshold, kernel_size, sigma, renois
     block_h, block_w = (INTERPRETER_BLOCK_H, INTERPRETER_BLOCK_W) if triton_interpreter() else (BLOCK_H, BLOCK_W)
     tiles_w = triton.cdiv(width, block_w)
     tiles = triton.cdiv(height, block_h) * tiles_w
-    with _device_guard(out):
+    with device_guard(out):
         _degrade_kernel[(batch * channels * tiles,)](
             out, degraded if return_degraded else out, x0, other_t, mask_map, alpha_t,
             channels, height, width, tiles_w, tiles,

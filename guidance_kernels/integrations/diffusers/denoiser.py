@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ... import combine as _combine
+from ...ops import guidance_combine as _combine
 from ... import terms as _terms
 from . import layers as _layers
 from .fork import BranchPlan, ForwardState, install_fork_hooks, plan_branches
@@ -234,7 +234,7 @@ class GuidedDenoiser:
         if self.reference:
             from ...reference import sag_degrade
         else:
-            from ...sag import sag_degrade
+            from ... import sag_degrade
         mass = self.state.extras.get("sag_mass")
         grid = self.state.extras.get("sag_grid")
         if mass is None:

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from ...attention import guided_attention
+from ... import guided_attention
 from .fork import ForwardState
 
 
@@ -121,7 +121,7 @@ def _attend(q, k, v, heads, modes, sigma, grid, *, text_tokens=0, capture=None, 
     if reference:
         from ...reference import attention_key_mass
     else:
-        from ...sag import attention_key_mass
+        from ... import attention_key_mass
     rows, first, count = capture["rows"], capture["first"], capture["count"]
     if reference:
         out_plain, mass = attention_key_mass(q[:rows], k[:rows], v[:rows], layout="bnd", heads=heads)

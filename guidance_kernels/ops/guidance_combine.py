@@ -1,4 +1,5 @@
-"""The combine family: turn the branches of one denoiser call into the guided prediction.
+"""The combine family (one stem: its three ops share every backend file): turn the branches of one
+denoiser call into the guided prediction.
 
 Predictions come either as ONE stacked tensor in the pipelines' branch-major layout
 ``(K·B, …)`` (``pred.chunk(K)`` order; no chunk/cat copies are made) or as K separate
@@ -9,8 +10,9 @@ and the output is a new ``(B, …)`` tensor in the input dtype.
 Scales are Python numbers or float tensors of shape (), (1,) or (B,) (per sample) on the
 predictions' device. Tensors let a scale change every step under ``torch.compile`` without
 recompiling and keep the call CUDA-graph capturable. The output has the branches' layout when it
-is dense with the batch outermost (contiguous, channels-last) and is contiguous otherwise. The combine, rescale, APG and CFG-Zero*
-run in one (plain) or two (with per-sample reductions) kernel launches with no host sync.
+is dense with the batch outermost (contiguous, channels-last) and is contiguous otherwise. The
+combine, rescale, APG and CFG-Zero* run in one (plain) or two (with per-sample reductions) kernel
+launches with no host sync.
 
 These are inference ops: they have no autograd formula.
 """
@@ -19,12 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _checks, _layout, _library, backends
-from .terms import Guidance
-
-MAX_BRANCHES = 8
-MAX_TERMS = 8
-APG_FORMULATIONS = ("paper", "diffusers", "diffusers_original")
+from .. import _checks, _layout, _library, _spec, backends
+from .._library import ApgCombineArgs, ApgCombineMomentumArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs
+from .._spec import APG_FORMULATIONS, MAX_BRANCHES, MAX_TERMS
+from ..terms import Guidance
 
 for _op in ("guidance_combine", "apg_combine", "cfg_zero_star_combine"):
     backends.register_op(_op, ("cuda", "triton", "torch"))
@@ -64,7 +64,8 @@ def guidance_combine(pred, guidance: Guidance, *, num_branches: int | None = Non
         backend: ``"cuda"``, ``"triton"``, ``"torch"`` or None/``"auto"`` (see :mod:`.backends`).
 
     Returns:
-        ``(B, …)`` contiguous, dtype of ``pred``.
+        ``(B, …)`` in the dtype of ``pred``, laid out like one branch when the branches are dense
+        with the batch outermost (contiguous, channels-last), else contiguous.
     """
     fn = "guidance_combine"
     if not isinstance(guidance, Guidance):
@@ -84,16 +85,17 @@ def guidance_combine(pred, guidance: Guidance, *, num_branches: int | None = Non
         numbers.append(number)
         tensors.append(tensor)
     phi, phi_tensor = _rescale_arg(fn, rescale, batch, device)
-    if phi_tensor is not None or phi != 0.0:
+    rescaling = _spec.rescale_on(phi, phi_tensor)
+    if rescaling:
         _per_sample_dims(fn, preds)
     if rescale_ref is None:
-        if (phi_tensor is not None or phi != 0.0) and not guidance.terms:
+        if rescaling and not guidance.terms:
             _checks.fail(fn, "rescale_ref", "required when rescaling a guidance without terms")
         rescale_ref = pos[0] if pos else base
     rescale_ref = _checks.branch_index(fn, "rescale_ref", rescale_ref, k)
     chosen = backends.select(fn, preds[0], backend=backend)
-    return _library.call(_library.guidance_combine, preds, k, base, pos, neg, numbers, tensors, phi, phi_tensor,
-                         rescale_ref, chosen)
+    args = GuidanceCombineArgs(preds, k, base, pos, neg, numbers, tensors, phi, phi_tensor, rescale_ref)
+    return _library.call(fn, args, chosen)
 
 
 def _pair(fn: str, pred, cond: int, uncond: int, num_branches: int | None):
@@ -160,10 +162,12 @@ def apg_combine(pred, scale, *, cond: int = 1, uncond: int = 0, num_branches: in
     phi, phi_tensor = _rescale_arg(fn, rescale, batch, device)
     chosen = backends.select(fn, preds[0], backend=backend)
     if momentum_buffer is None:
-        return _library.call(_library.apg_combine, preds, k, cond, uncond, number, tensor, eta, norm_threshold,
-                             formulation, phi, phi_tensor, chosen)
-    return _library.call(_library.apg_combine_momentum, preds, k, cond, uncond, number, tensor, eta, norm_threshold,
-                         momentum, momentum_buffer, formulation, phi, phi_tensor, chosen)
+        args = ApgCombineArgs(preds, k, cond, uncond, number, tensor, eta, norm_threshold, formulation, phi,
+                              phi_tensor)
+        return _library.call("apg_combine", args, chosen)
+    args = ApgCombineMomentumArgs(preds, k, cond, uncond, number, tensor, eta, norm_threshold, momentum,
+                                  momentum_buffer, formulation, phi, phi_tensor)
+    return _library.call("apg_combine_momentum", args, chosen)
 
 
 def apg_momentum_buffer(pred, *, num_branches: int = 2) -> torch.Tensor:
@@ -196,5 +200,6 @@ def cfg_zero_star_combine(pred, scale, *, cond: int = 1, uncond: int = 0, num_br
     chosen = backends.select(fn, preds[0], backend=backend)
     if zero_init:
         return preds[0].new_zeros((batch, *preds[0].shape[1:]))
-    return _library.call(_library.cfg_zero_star_combine, preds, k, cond, uncond, number, tensor,
-                         bool(original_formulation), phi, phi_tensor, chosen)
+    args = CfgZeroStarCombineArgs(preds, k, cond, uncond, number, tensor, bool(original_formulation), phi,
+                                  phi_tensor)
+    return _library.call(fn, args, chosen)

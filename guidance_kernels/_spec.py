@@ -1,0 +1,151 @@
+"""Rules that the ops and the references share: plain Python on shapes and numbers, no device work.
+
+The public functions, every backend and :mod:`guidance_kernels.reference` (the test oracle) take
+these from here, so that production code never imports the oracle and both agree bit for bit on
+kernel sizes, blur weights, map grids and interpolation indices.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import struct
+from functools import lru_cache
+
+import torch
+
+# --------------------------------------------------------------------------- limits
+
+MAX_BRANCHES = 8  # branches one combine reads
+MAX_TERMS = 8  # guidance terms of one combine
+APG_FORMULATIONS = ("paper", "diffusers", "diffusers_original")
+MAX_SAG_KERNEL_SIZE = 15  # SAG blur taps the kernels support (odd sizes 1..15; k = 9 in both anchors)
+
+
+def rescale_on(number: float, tensor: torch.Tensor | None) -> bool:
+    """Whether a combine applies guidance rescale: a tensor φ always, a number when it is > 0 (as
+    diffusers' ``if guidance_rescale > 0.0``). The one predicate every layer uses."""
+    return tensor is not None or number > 0
+
+
+# --------------------------------------------------------------------------- Gaussian blur (SEG §5, SAG §6)
+
+SEG_INF_SIGMA = 9999.0  # SEG-SDXL: sigma above this is "infinite" (every query := the grid mean)
+
+
+def seg_kernel_size(sigma: float) -> int:
+    """SEG-SDXL's kernel size rule: ``ceil(6σ) + 1 − ceil(6σ) % 2`` (always odd)."""
+    k = math.ceil(6 * sigma)
+    return k + 1 - k % 2
+
+
+def blur_kernel_size(sigma: float, grid: tuple[int, int]) -> int:
+    """SEG's kernel size for ``sigma`` on an ``(H, W)`` grid, 0 for σ > ``SEG_INF_SIGMA`` (the mean).
+
+    ``ceil(6σ) + 1 − ceil(6σ) % 2`` capped at ``W − (W % 2 − 1)`` exactly as SEG-SDXL (its blur caps
+    with the last dim), then at ``2H − 1`` — the largest odd size whose reflect padding ``k // 2`` is
+    below ``H`` — where SEG-SDXL's padding would fail on a grid wider than tall. Always odd."""
+    if sigma > SEG_INF_SIGMA:
+        return 0
+    h, w = grid
+    k = min(seg_kernel_size(sigma), w - (w % 2 - 1))
+    return min(k, 2 * h - 1)
+
+
+def gaussian_kernel_1d(kernel_size: int, sigma: float) -> torch.Tensor:
+    """The 1-D weights of the anchors' ``gaussian_blur_2d``, in float32 (cast to the tensor dtype
+    by the caller): ``exp(−½ (x/σ)²)`` on ``linspace(−(k−1)/2, (k−1)/2, k)``, normalised to sum 1."""
+    half = (kernel_size - 1) * 0.5
+    x = torch.linspace(-half, half, steps=kernel_size)
+    pdf = torch.exp(-0.5 * (x / sigma).pow(2))
+    return pdf / pdf.sum()
+
+
+@lru_cache(maxsize=256)
+def blur_weights(kernel_size: int, sigma: float) -> tuple[float, ...]:
+    """:func:`gaussian_kernel_1d` as Python floats (exactly representable in float32, so kernel
+    arguments keep them bit for bit)."""
+    return tuple(float(w) for w in gaussian_kernel_1d(kernel_size, sigma).tolist())
+
+
+# --------------------------------------------------------------------------- perturbed-attention modes
+
+
+class Mode(enum.IntEnum):
+    """What a batch item's attention does (``guided_attention``). The public spellings are the
+    lower-case names of the first three; ``MEAN`` is a blur with σ = ∞, produced by lowering."""
+
+    NONE = 0  # softmax(scale·q kᵀ) v
+    IDENTITY = 1  # PAG: v (joint attention: image query i sees key i and the text keys)
+    BLUR = 2  # SEG: image queries blurred over the grid (finite σ, kernel size > 1)
+    MEAN = 3  # SEG σ = ∞: every image query := the grid mean
+
+
+PUBLIC_MODES = tuple(m.name.lower() for m in (Mode.NONE, Mode.IDENTITY, Mode.BLUR))
+
+
+# --------------------------------------------------------------------------- token layouts
+
+
+def heads_view(t: torch.Tensor, heads: int, layout: str) -> torch.Tensor:
+    """``(B, heads, N, d)`` view of a ``"bhnd"`` tensor (itself) or a ``"bnd"`` one ``(B, N, heads·d)``
+    (diffusers' head split: channel ``h·d + i`` is head ``h``, feature ``i``). Never copies."""
+    if layout == "bnd":
+        return t.unflatten(-1, (heads, t.shape[-1] // heads)).transpose(1, 2)
+    return t
+
+
+def tokens_to_image(x: torch.Tensor, grid: tuple[int, int], layout: str) -> torch.Tensor:
+    """``(B, N, C)`` ["bnc"] or ``(B, heads, N, d)`` ["bhnd"] image tokens (row-major over the
+    ``(H, W)`` grid) as ``(B, C, H, W)`` with channel ``head·d + j`` — SEG-SDXL's
+    ``permute(0, 1, 3, 2).view(B, heads·d, H, W)``. ``"nchw"`` is returned as is."""
+    h, w = grid
+    if layout == "nchw":
+        return x
+    if layout == "bnc":
+        return x.permute(0, 2, 1).reshape(x.shape[0], x.shape[2], h, w)
+    if layout == "bhnd":
+        return x.permute(0, 1, 3, 2).reshape(x.shape[0], x.shape[1] * x.shape[3], h, w)
+    raise ValueError(f"tokens_to_image: layout: unknown {layout!r}")
+
+
+def image_to_tokens(img: torch.Tensor, like: torch.Tensor, layout: str) -> torch.Tensor:
+    """Inverse of :func:`tokens_to_image` (shape of ``like``)."""
+    if layout == "nchw":
+        return img
+    if layout == "bnc":
+        return img.reshape(img.shape[0], img.shape[1], -1).permute(0, 2, 1)
+    if layout == "bhnd":
+        b, heads, n, d = like.shape
+        return img.reshape(b, heads, d, n).permute(0, 1, 3, 2)
+    raise ValueError(f"image_to_tokens: layout: unknown {layout!r}")
+
+
+# --------------------------------------------------------------------------- SAG (§6)
+
+RENOISE = {"none": 0, "ddpm": 1, "kdiff": 2}
+
+
+def sag_map_grid(latent_h: int, latent_w: int, tokens: int) -> tuple[int, int]:
+    """ComfyUI's map grid for a latent that need not be divisible by the attention map:
+    ``ratio = 2**(ceil(sqrt(lh·lw/N)) − 1).bit_length()``, grid ``(ceil(lh/ratio), ceil(lw/ratio))``."""
+    ratio = 2 ** (math.ceil(math.sqrt(latent_h * latent_w / tokens)) - 1).bit_length()
+    return math.ceil(latent_h / ratio), math.ceil(latent_w / ratio)
+
+
+def fp32(value: float) -> float:
+    """``value`` rounded to the nearest float32 (as a Python float)."""
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def nearest_scale(in_size: int, out_size: int) -> float:
+    """The source-index scale of ``F.interpolate(mode="nearest")`` (ATen ``nearest_idx``):
+    ``src = min(floor(dst · scale), in − 1)`` computed in float32 with ``scale = float(in) / out``.
+    ATen special-cases ``out == in`` (copy) and ``out == 2·in`` (``dst >> 1``); the scales 1 and
+    0.5 give exactly those indices. float32 division equals the double quotient rounded to float32
+    (53 ≥ 2·24 + 2 bits, so the double rounding is innocuous)."""
+    if out_size == in_size:
+        return 1.0
+    if out_size == 2 * in_size:
+        return 0.5
+    return fp32(in_size / out_size)
