@@ -61,3 +61,7 @@ __all__ = [
     "square_patch_mask",
     "high_frequency_mask",
 ]
+
+from . import backends as _backends  # noqa: E402
+
+_backends.check_environment()  # every op is registered now: an unknown op name in the env var is an error

@@ -170,7 +170,19 @@ def split_branches(preds: list[torch.Tensor], num_branches: int) -> list[torch.T
 
 
 # Shared by the torch backend and the triton_sdpa route of guided_attention.
-# Shared by the torch backend and the triton_sdpa route of guided_attention.
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """torch's ``scaled_dot_product_attention`` (its fastest kernel) with the non-finite rule of the
+    definition ``softmax(scale·q kᵀ) v``. torch's fused kernels treat a row whose every logit is
+    NaN or −inf as fully masked and return 0; the definition gives NaN there. Such rows are exactly
+    those whose query holds a NaN or inf, and every row when every key holds one (a finite query
+    then meets ±inf or NaN in every logit); elsewhere the max logit is finite and torch propagates
+    NaN/inf as the definition does. One extra read of q and k."""
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    dead = ~torch.isfinite(q).all(dim=-1, keepdim=True)
+    dead = dead | (~torch.isfinite(k).all(dim=-1)).all(dim=-1)[..., None, None]
+    return out.masked_fill(dead, float("nan"))
 
 
 def take_items(t: torch.Tensor, items: list[int]) -> torch.Tensor:
@@ -202,16 +214,17 @@ def device_constant(values: tuple, device: torch.device, dtype: torch.dtype) -> 
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def blur_weights_like(like: torch.Tensor, kernel_size: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
-    """The float32 Gaussian weights of ``_spec.blur_weights`` on ``like``'s device, in ``dtype``.
-    Real tensors use the cache; fake ones (an autograd formula traced by torch.compile, possibly
-    wrapped by torch.func) build them in the tracing mode, which must never be cached."""
+def blur_taps_like(like: torch.Tensor, kernel_size: int, sigma: float, dtype: torch.dtype) -> torch.Tensor:
+    """The float32 Gaussian taps of ``_spec.blur_taps`` on ``like``'s device, in ``dtype`` (their
+    length is the blur's effective size). Real tensors use the cache; fake ones (an autograd
+    formula traced by torch.compile, possibly wrapped by torch.func) build them in the tracing
+    mode, which must never be cached."""
     from torch._subclasses.fake_tensor import is_fake
 
+    taps = _spec.blur_taps(kernel_size, sigma)
     if is_fake(like):
-        return torch.tensor(_spec.blur_weights(kernel_size, sigma), dtype=torch.float32,
-                            device=like.device).to(dtype)
-    return device_constant(_spec.blur_weights(kernel_size, sigma), like.device, dtype)
+        return torch.tensor(taps, dtype=torch.float32, device=like.device).to(dtype)
+    return device_constant(taps, like.device, dtype)
 
 
 def map_for_kernel(mask_map: torch.Tensor) -> torch.Tensor:

@@ -54,18 +54,40 @@ def blur_kernel_size(sigma: float, grid: tuple[int, int]) -> int:
 
 def gaussian_kernel_1d(kernel_size: int, sigma: float) -> torch.Tensor:
     """The 1-D weights of the anchors' ``gaussian_blur_2d``, in float32 (cast to the tensor dtype
-    by the caller): ``exp(−½ (x/σ)²)`` on ``linspace(−(k−1)/2, (k−1)/2, k)``, normalised to sum 1."""
+    by the caller): ``exp(−½ (x/σ)²)`` on ``linspace(−(k−1)/2, (k−1)/2, k)``, normalised to sum 1.
+
+    A σ below float32's range (it rounds to 0, so the anchors' formula gives NaN weights) gets
+    its limit σ → 0: the single centre tap, the identity."""
     half = (kernel_size - 1) * 0.5
     x = torch.linspace(-half, half, steps=kernel_size)
     pdf = torch.exp(-0.5 * (x / sigma).pow(2))
-    return pdf / pdf.sum()
+    weights = pdf / pdf.sum()
+    if not bool(torch.isfinite(weights).all()):
+        weights = (x == 0).to(torch.float32)
+    return weights
 
 
 @lru_cache(maxsize=256)
 def blur_weights(kernel_size: int, sigma: float) -> tuple[float, ...]:
     """:func:`gaussian_kernel_1d` as Python floats (exactly representable in float32, so kernel
-    arguments keep them bit for bit)."""
-    return tuple(float(w) for w in gaussian_kernel_1d(kernel_size, sigma).tolist())
+    arguments keep them bit for bit). Computed on real tensors whatever tracing mode is active
+    (fake tensors under torch.compile have no values)."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    with _disable_current_modes():
+        return tuple(float(w) for w in gaussian_kernel_1d(kernel_size, sigma).tolist())
+
+
+@lru_cache(maxsize=256)
+def blur_taps(kernel_size: int, sigma: float) -> tuple[float, ...]:
+    """The weights a ``kernel_size``-tap blur applies: :func:`blur_weights` without the outer taps
+    whose float32 weight is exactly 0 (σ small against the kernel). Dropping them changes no blur
+    of finite data (adding 0·x changes no sum) and keeps a zero weight from turning an inf or NaN
+    outside the blur's footprint into NaN. Every backend and the reference blur with these taps
+    (reflect padding ``len(taps) // 2``); ops carry the requested size, backends call this."""
+    weights = blur_weights(kernel_size, sigma)
+    zeros = next((i for i, w in enumerate(weights) if w != 0.0), kernel_size // 2)
+    return weights[zeros:kernel_size - zeros]
 
 
 # --------------------------------------------------------------------------- perturbed-attention modes

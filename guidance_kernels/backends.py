@@ -178,6 +178,7 @@ def use_backend(backend: str | None = None, **per_op: str) -> Iterator[None]:
     """Force a backend inside a ``with`` block: ``use_backend("triton")`` for every op, or
     ``use_backend(guidance_combine="cuda")`` per op. ``None`` restores automatic choice."""
     global _FORCED_STACK
+    _check_op_names("use_backend", per_op)
     chosen = dict(per_op)
     chosen["*"] = backend if backend is not None else "auto"
     for name in chosen.values():
@@ -189,6 +190,19 @@ def use_backend(backend: str | None = None, **per_op: str) -> Iterator[None]:
         yield
     finally:
         _FORCED_STACK = saved
+
+
+def _check_op_names(where: str, names) -> None:
+    """A forced op name must name an op: a typo would otherwise force nothing, silently."""
+    unknown = sorted(set(names) - set(_OPS) - {"*"})
+    if unknown:
+        raise BackendError(f"{where}: unknown op {unknown[0]!r} (ops: {', '.join(registered_ops())})")
+
+
+def check_environment() -> None:
+    """Reject unknown op names in ``GUIDANCE_KERNELS_BACKEND``; called once the package has
+    registered its ops (at the end of ``import guidance_kernels``)."""
+    _check_op_names(f"{ENV_VAR}={os.environ.get(ENV_VAR, '')!r}", _ENV_FORCED)
 
 
 def forced_backend(op: str, argument: str | None = None) -> str | None:

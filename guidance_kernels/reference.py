@@ -16,6 +16,7 @@ import torch
 
 from ._spec import (  # noqa: F401  (re-exported: the oracle's own rules are the shared ones)
     SEG_INF_SIGMA,
+    blur_taps,
     gaussian_kernel_1d,
     image_to_tokens,
     sag_map_grid as sag_map_grid_comfy,
@@ -135,11 +136,18 @@ def gaussian_blur_2d(img: torch.Tensor, kernel_size: int, sigma: float, *, cap_t
     k×k kernel ``outer(w, w)`` in the image dtype and one grouped ``conv2d``.
 
     ``cap_to_grid`` applies SEG-SDXL's cap ``k ≤ W − (W % 2 − 1)`` (its code uses the last dim);
-    diffusers' SAG pipeline has the same function without the cap (``cap_to_grid=False``)."""
+    diffusers' SAG pipeline has the same function without the cap (``cap_to_grid=False``).
+
+    Deliberate differences from the anchors, both where their float32 weights degenerate: taps
+    whose weight is exactly 0 are dropped (``_spec.blur_taps``; the anchors' conv turns ``0·inf``
+    into NaN outside the blur's footprint), and a σ that rounds to 0 in float32 is the identity
+    (the anchors' weights are NaN there)."""
     if cap_to_grid:
         width = img.shape[-1]
         kernel_size = min(kernel_size, width - (width % 2 - 1))
-    x_kernel = gaussian_kernel_1d(kernel_size, sigma).to(device=img.device, dtype=img.dtype)
+    taps = blur_taps(kernel_size, sigma)  # = gaussian_kernel_1d(kernel_size, sigma) wherever no weight is 0
+    kernel_size = len(taps)
+    x_kernel = torch.tensor(taps, dtype=torch.float32).to(device=img.device, dtype=img.dtype)
     kernel2d = torch.mm(x_kernel[:, None], x_kernel[None, :])
     kernel2d = kernel2d.expand(img.shape[-3], 1, kernel2d.shape[0], kernel2d.shape[1])
     padding = [kernel_size // 2] * 4

@@ -88,6 +88,10 @@ def high_frequency_mask(x0: torch.Tensor, *, cutoff: float = 0.25, threshold: fl
     cutoff = _checks.finite_number(fn, "cutoff", cutoff, minimum=0.0)
     threshold = _checks.finite_number(fn, "threshold", threshold)
     height, width = x0.shape[-2:]
+    if height == 0 or width == 0:
+        _checks.fail(fn, "x0", f"has an empty spatial grid {tuple(x0.shape[-2:])}")
+    if x0.shape[0] == 0 or x0.shape[1] == 0:  # nothing to transform (torch's FFT rejects empty batches)
+        return torch.zeros((x0.shape[0], 1, height, width), dtype=torch.float32, device=x0.device)
     x = x0.to(torch.float64 if x0.dtype == torch.float64 else torch.float32)
     fy = torch.fft.fftfreq(height, device=x.device, dtype=x.dtype).view(-1, 1)
     fx = torch.fft.fftfreq(width, device=x.device, dtype=x.dtype).view(1, -1)

@@ -31,13 +31,16 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def assert_close_to_truth(out: torch.Tensor, ref_lowp: torch.Tensor, truth: torch.Tensor, *, factor: float = 2.0,
-                          ulps: float = 8.0, what: str = "") -> None:
-    """|out − truth| ≤ factor·|ref_lowp − truth| + ulps·eps(dtype)·max|truth| (elementwise max)."""
+                          ulps: float = 8.0, what: str = "", magnitude: float | None = None) -> None:
+    """|out − truth| ≤ factor·|ref_lowp − truth| + ulps·eps(dtype)·max|truth| (elementwise max).
+    ``magnitude`` replaces max|truth| in the floor where the computation cancels larger
+    intermediates (e.g. ``(a + b) − a``): their rounding, not the result's, sets the error."""
     assert out.shape == truth.shape, f"{what} shape {tuple(out.shape)} != {tuple(truth.shape)}"
     assert out.dtype == ref_lowp.dtype, f"{what} dtype {out.dtype} != {ref_lowp.dtype}"
     nan_out, nan_truth = torch.isnan(to64(out)), torch.isnan(to64(truth))
     assert torch.equal(nan_out, nan_truth), f"{what} NaN pattern differs from the float64 truth"
     scale = float(to64(truth).abs().nan_to_num(0.0, 0.0, 0.0).max()) if truth.numel() else 0.0
+    scale = max(scale, magnitude or 0.0)
     ref_err = max_err(ref_lowp, truth)
     err = max_err(out, truth)
     bound = factor * ref_err + ulps * EPS[out.dtype] * max(scale, 1e-30)

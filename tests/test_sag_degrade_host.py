@@ -205,3 +205,22 @@ def test_nan_propagates_like_the_reference(cuda_on_cpu):
     assert torch.equal(torch.isnan(out), torch.isnan(want))
     finite = ~torch.isnan(want)
     torch.testing.assert_close(out[finite], want[finite], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sigma", [0.2, 1.0])
+def test_non_finite_values_follow_the_definition(cuda_on_cpu, sigma):
+    """NaN and ±inf in x0, eps and a soft mask (a NaN weight included), with a σ whose outer
+    float32 weights are exactly 0 (dropped taps): the same NaN pattern and inf signs as the float64
+    truth, like the torch and triton backends (tests/test_fuzz_attention.py)."""
+    x0, eps = _randn((2, 3, 13, 11), 90), _randn((2, 3, 13, 11), 91)
+    x0[0, 0, 6, 5], x0[1, 2, 0, 0], x0[1, 1, 12, 10] = float("inf"), float("-inf"), float("nan")
+    eps[0, 1, 3, 3] = float("inf")
+    mask = torch.rand(2, 3, 4, generator=torch.Generator().manual_seed(92))
+    mask[1, 2, 1] = float("nan")
+    out = gk.sag_degrade(x0, mask, sigma=sigma, eps=eps, alpha_cumprod=0.5)
+    truth = R.sag_degrade(to64(x0), to64(mask), sigma=sigma, eps=to64(eps), alpha_cumprod=0.5)
+    assert torch.equal(torch.isnan(out), torch.isnan(truth))
+    assert torch.equal(torch.isinf(out), torch.isinf(truth))
+    assert torch.equal(to64(out)[torch.isinf(out)], truth[torch.isinf(truth)])
+    finite = torch.isfinite(truth)
+    torch.testing.assert_close(to64(out)[finite], truth[finite], rtol=1e-5, atol=1e-5)

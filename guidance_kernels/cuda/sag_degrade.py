@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .. import _layout
 from .._library import SagDegradeArgs
-from .._spec import RENOISE, blur_weights
+from .._spec import RENOISE, blur_taps
 from ._common import ext
 
 
@@ -20,6 +20,6 @@ def sag_degrade(a: SagDegradeArgs):
     out = _layout.output_like(x0)
     degraded = _layout.output_like(x0) if a.return_degraded else None
     module.sag_degrade(out, degraded, x0, _layout.map_for_kernel(a.mask_map), bool(a.thresholded), float(a.threshold),
-                       list(blur_weights(a.kernel_size, a.sigma)), RENOISE[a.renoise], a.other, a.alpha_tensor,
+                       list(blur_taps(a.kernel_size, a.sigma)), RENOISE[a.renoise], a.other, a.alpha_tensor,
                        float(a.alpha))
     return out, degraded if degraded is not None else x0.new_empty((0,))

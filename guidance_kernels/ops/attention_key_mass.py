@@ -125,6 +125,10 @@ def attention_key_mass(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lay
 
     dtypes: float32 (exact fp32 dots, no TF32), float16, bfloat16 (fp32 accumulation); float64 on
     the torch backend. Head dims 40, 64, 80, 128, 160 (any ≤ 256) on Triton.
+
+    Non-finite data follow the definition on every backend: the softmax rows as written (a NaN
+    logit, a +inf logit or a row of −inf logits makes the row NaN), ``out`` as in
+    :func:`~guidance_kernels.guided_attention`, and a NaN row makes every mass column of its item NaN.
     """
     fn = "attention_key_mass"
     heads, batch, _, _, head_dim = _shapes(fn, q, k, v, layout, heads)

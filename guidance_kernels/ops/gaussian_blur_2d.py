@@ -25,6 +25,8 @@ def _grid_of(fn: str, x: torch.Tensor, layout: str, grid) -> tuple[int, int]:
         _checks.fail(fn, "x", f"layout {layout!r} expects {ndim} dims, got shape {tuple(x.shape)}")
     if layout == "nchw":
         shape_grid = (int(x.shape[2]), int(x.shape[3]))
+        if 0 in shape_grid:
+            _checks.fail(fn, "x", f"has an empty spatial grid {shape_grid}: there is nothing to blur over")
         h, w = _checks.grid(fn, grid) if grid is not None else shape_grid
         if (h, w) != shape_grid:
             _checks.fail(fn, "grid", f"{(h, w)} differs from x's spatial dims {shape_grid}")
@@ -73,7 +75,8 @@ def gaussian_blur_2d(x: torch.Tensor, sigma: float, *, kernel_size: int | None =
             ``(B, heads, N, d)`` (``"bhnd"``, channels ``heads·d``) with ``N = H·W`` row-major.
             float32/float16/bfloat16 (float64 on the torch backend); any strides.
         sigma: σ > 0. σ > 9999 (``SEG_INF_SIGMA``, inf included): every position becomes the exact
-            spatial mean of its channel (SEG's infinite blur; ``kernel_size`` is then ignored).
+            spatial mean of its channel (SEG's infinite blur; ``kernel_size`` is then ignored). A σ
+            that rounds to 0 in float32 (< 1.4e-45) is the identity, its limit.
         kernel_size: odd size; its padding ``kernel_size // 2`` must be below H and W. Default:
             SEG's rule ``ceil(6σ) + 1 − ceil(6σ) % 2`` capped by the grid (``_spec.blur_kernel_size``).
         grid: ``(H, W)``; required for the token layouts (optional check for ``"nchw"``).
@@ -81,6 +84,8 @@ def gaussian_blur_2d(x: torch.Tensor, sigma: float, *, kernel_size: int | None =
         backend: ``"triton"``, ``"torch"`` or None/``"auto"`` (see :mod:`guidance_kernels.backends`).
 
     Weights are ``_spec.gaussian_kernel_1d`` (float32) for both axes; accumulation is float32.
+    Taps whose float32 weight is exactly 0 (σ small against ``kernel_size``) are left out, so
+    NaN/inf spread exactly over the footprint of the non-zero weights, on every backend.
     Returns a new tensor of ``x``'s shape and dtype (``x``'s layout when dense, else contiguous).
     """
     fn = "gaussian_blur_2d"

@@ -92,6 +92,8 @@ def _views(fn: str, q, k, v, layout: str, heads) -> tuple[torch.Tensor, torch.Te
         _checks.fail(fn, "v", f"has {v4.shape[2]} tokens but k has {k4.shape[2]}")
     if k4.shape[2] == 0 and nq > 0:
         _checks.fail(fn, "k", "has no tokens: a softmax over no keys is undefined")
+    if d == 0:
+        _checks.fail(fn, "q", "has head dim 0 (the default softmax scale is 1/sqrt(head dim))")
     return q4, k4, v4
 
 
@@ -112,9 +114,12 @@ def _modes(fn: str, modes, batch: int) -> list[Mode]:
     if modes is None:
         return [Mode.NONE] * batch
     if isinstance(modes, torch.Tensor):
-        if modes.dim() != 1 or modes.dtype.is_floating_point or modes.dtype.is_complex:
+        if modes.dim() != 1 or modes.dtype.is_floating_point or modes.dtype.is_complex or modes.dtype == torch.bool:
             _checks.fail(fn, "modes", "a tensor of modes must be 1-D with integer codes 0/1/2", TypeError)
-        modes = modes.tolist()  # host values: the modes select the kernel's work
+        if modes.device.type != "cpu":
+            _checks.fail(fn, "modes", f"a tensor of modes must be on the CPU (the modes select the kernels' "
+                                      f"work on the host), got one on {modes.device}")
+        modes = modes.tolist()
     if isinstance(modes, (str, bytes)) or not isinstance(modes, Sequence):
         _checks.fail(fn, "modes", f"expected a sequence with one mode per batch item, got {type(modes).__name__}",
                      TypeError)
@@ -220,6 +225,14 @@ def guided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, modes
         The attention output in q's layout and dtype: ``(B, heads, Nq, d)`` (laid out like q when
         q is dense) or ``(B, Nq, heads·d)`` contiguous. Identity items without text tokens are
         bit-exact copies of v.
+
+    Non-finite data follow the definition ``softmax(scale·q kᵀ) v`` (row softmax as written) on
+    every backend: a NaN or inf in query row i makes row i NaN; a NaN in k or v every row that
+    weighs it; an inf logit NaN (+inf) or weight 0 (−inf); a blurred item's queries carry NaN/inf
+    over the blur's footprint first. In fp16/bf16 the probabilities multiply v in the input dtype
+    (as flash attention does), so an inf in v meets a probability that underflows there as NaN
+    rather than inf. The ``"triton_sdpa"`` route's plain items are torch's SDPA, whose fp16/bf16 CPU
+    kernel drops the rows an inf key logit makes NaN.
     """
     fn = "guided_attention"
     q4, k4, v4 = _views(fn, q, k, v, layout, heads)

@@ -31,7 +31,9 @@ def sag_map_grid(latent_hw: tuple[int, int], tokens: int) -> tuple[int, int]:
     (exact for latents divisible by the UNet's downsampling, and for the padded sizes of the rest):
     ``ratio = 2**(ceil(sqrt(lh·lw/N)) − 1).bit_length()``, grid ``(ceil(lh/ratio), ceil(lw/ratio))``.
     diffusers instead records the mid block's output size (``map_size``): pass that as ``grid=``."""
-    return _spec.sag_map_grid(int(latent_hw[0]), int(latent_hw[1]), int(tokens))
+    fn = "sag_map_grid"
+    height, width = _checks.grid(fn, latent_hw, "latent_hw", names="(H, W)")
+    return _spec.sag_map_grid(height, width, _checks.integer(fn, "tokens", tokens, minimum=1))
 
 
 def _alpha(fn: str, value, batch: int, device: torch.device):
@@ -65,6 +67,8 @@ def _mask_map(fn: str, mask_or_mass, x0: torch.Tensor, grid, threshold) -> tuple
         if t.dtype == torch.bool:
             _checks.fail(fn, "mask_or_mass", "a bool map is a mask: pass it as (B, h, w)", TypeError)
         tokens = t.shape[1]
+        if tokens == 0:
+            _checks.fail(fn, "mask_or_mass", f"a key mass needs at least one key, got shape {tuple(t.shape)}")
         if grid is None:
             h, w = sag_map_grid((height, width), tokens)
             if h * w != tokens:

@@ -1,6 +1,6 @@
 """PyTorch backend of attention_key_mass: the attention output and the per-key mass
 ``mass[i, j] = mean_heads Σ_queries softmax(scale·q kᵀ)[·, j]`` for batch item ``items[i]``,
-chunked over queries so that no more than ``CHUNK_ELEMENTS`` scores per sample are alive at once
+chunked over queries so that no more than ``_common.CHUNK_ELEMENTS`` scores are alive at once
 (never the ``(heads, N, M)`` map): for each chunk of query rows, scores → exact row softmax →
 ``P·V`` rows of the output and the chunk's column sums of ``P``.
 
@@ -14,32 +14,26 @@ import torch
 
 from .._library import AttentionKeyMassArgs
 from .._spec import heads_view
-from ._common import compute_dtype
-
-# Scores per sample held at once (fp32: 8 MiB). A chunk is at least one query row.
-CHUNK_ELEMENTS = 1 << 21
+from ._common import compute_dtype, query_chunks, softmax_rows_
 
 
 def attention_key_mass(a: AttentionKeyMassArgs):
     q, k, v, heads, layout, scale, items = a
     out = q.new_empty(q.shape)
     q4, k4, v4, o4 = (heads_view(t, heads, layout) for t in (q, k, v, out))
-    batch, _, n_q, _ = q4.shape
+    batch = q4.shape[0]
     n_k = k4.shape[2]
     dtype = compute_dtype(q)
     wanted = list(range(batch)) if items is None else list(items)
     mass = torch.zeros((len(wanted), n_k), dtype=torch.float32, device=q.device)
-    rows = max(1, min(n_q, CHUNK_ELEMENTS // max(1, heads * n_k)))
     for b in range(batch):
         slots = [i for i, item in enumerate(wanted) if item == b]
         kb = k4[b].to(dtype)
         vb = v4[b].to(dtype)
         col = torch.zeros((n_k,), dtype=dtype, device=q.device) if slots else None
-        for start in range(0, n_q, rows):
-            qc = q4[b, :, start:start + rows].to(dtype)
-            p = torch.matmul(qc, kb.transpose(-1, -2)).mul_(scale)  # (heads, rows, M)
-            p.sub_(torch.logsumexp(p, dim=-1, keepdim=True)).exp_()  # exact row softmax
-            o4[b, :, start:start + rows] = torch.matmul(p, vb)
+        for rows in query_chunks(q4[b], n_k):
+            p = softmax_rows_(torch.matmul(q4[b, :, rows].to(dtype), kb.transpose(-1, -2)).mul_(scale))
+            o4[b, :, rows] = torch.matmul(p, vb)
             if col is not None:
                 col += p.sum(dim=(0, 1))
             del p

@@ -4,31 +4,32 @@ The record (``_library.GuidedAttentionArgs``) holds ``(B, heads, N, d)`` views, 
 ``_spec.Mode`` per item, the blur items' σ and kernel sizes, the image grid and the text block.
 Items are grouped by what they need:
 
-* none: ``F.scaled_dot_product_attention`` in the input dtype (its kernels accumulate in fp32);
-* blur: the image queries blurred separably in fp32 (``_common.separable_blur``), cast back to
-  the input dtype (as every SDPA kernel needs), then SDPA;
+* none: ``softmax(scale·q kᵀ) v`` as written, in fp32 and query chunks (``_common.attention``):
+  exact NaN/inf rules, where torch's fused SDPA kernels return finite rows for some non-finite
+  inputs;
+* blur: the image queries blurred separably in fp32 (``_common.separable_blur``), rounded to the
+  input dtype (as the kernels' pre-pass stores them), then attention as above;
 * mean (σ = ∞): every image query is the same fp32 mean, so ONE attention row per (item, head) is
-  computed in fp32 and broadcast to the image rows: O(N·d) instead of O(N²·d). Text queries run SDPA;
+  computed in fp32 and broadcast to the image rows: O(N·d) instead of O(N²·d). Text queries attend
+  as above;
 * identity: without text tokens a bit-exact copy of V. With text tokens, image query i attends to
   key i and the T text keys only: its own logit and an (N_img × T) block, in fp32, in query chunks
-  (never an S×S mask); text queries run SDPA.
+  (never an S×S mask); text queries attend as above.
+
+The autograd formula differentiates :func:`differentiable` (torch's SDPA for the attention parts:
+memory-efficient gradients; its forward equals this one on finite data).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .._layout import put_items, take_items
+from .._layout import put_items, sdpa, take_items
 from .._library import GuidedAttentionArgs, attention_out
 from .._spec import Mode
-from ._common import compute_dtype, separable_blur
+from ._common import attention, compute_dtype, separable_blur
 
 QUERY_CHUNK = 1024  # joint identity: bounds the (chunk × T) fp32 logits per (item, head)
-
-
-def _sdpa(q, k, v, scale):
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 def _mean_row(q_img: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -55,7 +56,7 @@ def _joint_identity_rows(q_img, k_img, v_img, k_txt, v_txt, scale) -> torch.Tens
         p_text = torch.exp(text - top)
         total = p_own + p_text.sum(dim=-1, keepdim=True)
         chunks.append((p_own * v_img[:, :, rows].to(dtype) + torch.matmul(p_text, v_txt)) / total)
-    return torch.cat(chunks, dim=2)
+    return torch.cat(chunks, dim=2) if chunks else v_img.to(dtype)  # no image rows: (G, h, 0, d)
 
 
 def _blurred_image(q: torch.Tensor, a: GuidedAttentionArgs, size: int, sigma: float) -> torch.Tensor:
@@ -85,23 +86,23 @@ def guided_attention(a: GuidedAttentionArgs):
         mode = key[0]
         qg, kg, vg = take_items(a.q, items), take_items(a.k, items), take_items(a.v, items)
         if mode == Mode.NONE:
-            put_items(out, items, slice(None), _sdpa(qg, kg, vg, scale))
+            put_items(out, items, slice(None), attention(qg, kg, vg, scale))
         elif mode == Mode.BLUR:
             blurred = qg.clone()
             blurred[:, :, img] = _blurred_image(qg, a, key[1], key[2])
-            put_items(out, items, slice(None), _sdpa(blurred, kg, vg, scale))
+            put_items(out, items, slice(None), attention(blurred, kg, vg, scale))
         elif mode == Mode.MEAN:
             row = _mean_row(qg[:, :, img], kg, vg, scale)
             put_items(out, items, img, row.expand(-1, -1, n_img, -1))
             if a.text_tokens:
-                put_items(out, items, txt, _sdpa(qg[:, :, txt], kg, vg, scale))
+                put_items(out, items, txt, attention(qg[:, :, txt], kg, vg, scale))
         elif mode == Mode.IDENTITY and a.text_tokens == 0:
             put_items(out, items, slice(None), vg)  # PAG: the attention output is V itself, bit for bit
         elif mode == Mode.IDENTITY:
             rows = _joint_identity_rows(qg[:, :, img], kg[:, :, img], vg[:, :, img], kg[:, :, txt], vg[:, :, txt],
                                         scale)
             put_items(out, items, img, rows)
-            put_items(out, items, txt, _sdpa(qg[:, :, txt], kg, vg, scale))
+            put_items(out, items, txt, attention(qg[:, :, txt], kg, vg, scale))
         else:
             raise ValueError(f"guided_attention: unknown internal mode {mode}")
     return out
@@ -120,19 +121,19 @@ def differentiable(a: GuidedAttentionArgs):
     for i, mode in enumerate(a.modes):
         qi, ki, vi = a.q[i:i + 1], a.k[i:i + 1], a.v[i:i + 1]
         if mode == Mode.NONE:
-            out = _sdpa(qi, ki, vi, scale)
+            out = sdpa(qi, ki, vi, scale)
         elif mode == Mode.BLUR:
             image = _blurred_image(qi, a, a.kernel_sizes[i], a.sigmas[i]).to(qi.dtype)
-            out = _sdpa(torch.cat([qi[:, :, :img.start], image, qi[:, :, img.stop:]], dim=2), ki, vi, scale)
+            out = sdpa(torch.cat([qi[:, :, :img.start], image, qi[:, :, img.stop:]], dim=2), ki, vi, scale)
         elif mode == Mode.MEAN:
             row = _mean_row(qi[:, :, img], ki, vi, scale).to(qi.dtype)
-            out = in_order(row.expand(-1, -1, n_img, -1), _sdpa(qi[:, :, txt], ki, vi, scale))
+            out = in_order(row.expand(-1, -1, n_img, -1), sdpa(qi[:, :, txt], ki, vi, scale))
         elif mode == Mode.IDENTITY and a.text_tokens == 0:
             out = vi
         elif mode == Mode.IDENTITY:
             rows = _joint_identity_rows(qi[:, :, img], ki[:, :, img], vi[:, :, img], ki[:, :, txt], vi[:, :, txt],
                                         scale).to(qi.dtype)
-            out = in_order(rows, _sdpa(qi[:, :, txt], ki, vi, scale))
+            out = in_order(rows, sdpa(qi[:, :, txt], ki, vi, scale))
         else:
             raise ValueError(f"guided_attention: unknown internal mode {mode}")
         outs.append(out)

@@ -125,10 +125,10 @@ def _colsum_kernel(partial_ptr, lse_ptr, q_ptr, k_ptr, items_ptr, item_start, it
         rows64 = rows.to(tl.int64)
         q = tl.load(q_base + rows64[:, None] * sqn + dims64[None, :] * sqd,
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-        # Rows past the end get lse = +inf, hence probability exp2(s − inf) = 0.
         lse = tl.load(lse_base + rows64, mask=row_ok, other=float("inf"))
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-        colsum += tl.sum(tl.exp2(s - lse[:, None]), axis=0)
+        # rows past the end add nothing (their zero queries meet an inf key as 0·inf = NaN)
+        colsum += tl.sum(tl.where(row_ok[:, None], tl.exp2(s - lse[:, None]), 0.0), axis=0)
     tl.store(partial_ptr + ih.to(tl.int64) * n_k + cols64, colsum, mask=col_ok)
 
 

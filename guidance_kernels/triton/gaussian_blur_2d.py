@@ -118,8 +118,10 @@ def _blur_kernel(out_ptr, x_ptr, w_ptr, items_ptr, G, D, H, W, pad, ksize, rows,
             val = tl.load(row_base + col.to(tl.int64)[:, None] * sxx + j_off, mask=row_mask, other=0.0)
             hrow += tl.load(w_ptr + t) * val.to(tl.float32)
         dy = p - offs_y
-        wy = tl.load(w_ptr + pad + dy, mask=(dy >= -pad) & (dy <= pad), other=0.0)
-        acc += wy[:, None, None] * hrow[None, :, :]
+        in_kernel = (dy >= -pad) & (dy <= pad)
+        wy = tl.load(w_ptr + pad + dy, mask=in_kernel, other=0.0)
+        # rows outside an output row's kernel add nothing (not 0·x: an inf there would give NaN)
+        acc += tl.where(in_kernel[:, None, None], wy[:, None, None] * hrow[None, :, :], 0.0)
     o_ptrs = (o_base + offs_y.to(tl.int64)[:, None, None] * soy + offs_x.to(tl.int64)[None, :, None] * sox
               + offs_j.to(tl.int64)[None, None, :] * soj)
     o_mask = (offs_y < H)[:, None, None] & col_mask[None, :, :]
@@ -195,12 +197,13 @@ def blur_blocks(kernel_size: int, geo: Geometry) -> tuple[int, int, int]:
 def blur_into(out: torch.Tensor, out_geo: Geometry, x: torch.Tensor, geo: Geometry, kernel_size: int, sigma: float,
               items: torch.Tensor | None, slots: int) -> None:
     """Blur ``slots`` samples of ``x`` (sample ``items[i]``, or ``i``) into sample ``i`` of ``out``."""
-    pad = kernel_size // 2
-    if kernel_size < 1 or kernel_size % 2 == 0 or pad >= min(geo.height, geo.width):
+    if kernel_size < 1 or kernel_size % 2 == 0 or kernel_size // 2 >= min(geo.height, geo.width):
         # the public function never passes these; the raw op must not read outside the grid either
         raise ValueError(f"gaussian_blur_2d: kernel_size: {kernel_size} is not an odd size whose reflect "
                          f"padding fits the grid {(geo.height, geo.width)}")
-    w = _layout.blur_weights_like(x, kernel_size, sigma, torch.float32)
+    w = _layout.blur_taps_like(x, kernel_size, sigma, torch.float32)  # zero-weight taps dropped
+    kernel_size = w.numel()
+    pad = kernel_size // 2
     block_y, block_x, block_j = blur_blocks(kernel_size, geo)
     tiles_x = triton.cdiv(geo.width, block_x)
     tiles_j = triton.cdiv(geo.inner, block_j)

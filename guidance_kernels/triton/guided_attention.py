@@ -41,6 +41,10 @@ Two backends share these kernels (``backends`` registers both, each with its own
 * ``"triton_sdpa"`` — torch's ``scaled_dot_product_attention`` (its fastest backend: FlashAttention-2
   or cuDNN on Hopper) on the none / blur items, their image queries blurred by the same pre-pass,
   and ``_attention_kernel`` only for the identity and σ = ∞ items (the others are skipped).
+  ``_layout.sdpa`` restores the definition's NaN rows where torch's fused kernels return finite
+  ones (a non-finite query; every key non-finite); one case remains torch's own: in fp16/bf16,
+  its CPU kernel drops the rows that an inf key logit makes NaN (``"triton"`` and ``"torch"``
+  follow the definition everywhere).
   Which is faster on a GPU is measured by the benchmark (``benchmarks/README.md`` records the
   status of the default priority).
 
@@ -54,12 +58,11 @@ from __future__ import annotations
 import enum
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from .. import _layout
-from .._layout import put_items, take_items
+from .._layout import put_items, sdpa, take_items
 from .._library import GuidedAttentionArgs, attention_out
 from .._spec import Mode
 from ._common import LOG2E, device_guard, index_tensor
@@ -442,8 +445,7 @@ def guided_attention_sdpa(a: GuidedAttentionArgs):
             for j, i in enumerate(attended):
                 if codes[i] == Work.BLUR:
                     q_att[j, :, a.image_rows].copy_(qb[slots[i]])
-        result = F.scaled_dot_product_attention(q_att, take_items(a.k, attended), take_items(a.v, attended),
-                                                scale=a.scale)
+        result = sdpa(q_att, take_items(a.k, attended), take_items(a.v, attended), a.scale)
         put_items(out, attended, slice(None), result)
         for i in attended:
             codes[i] = Work.SKIP

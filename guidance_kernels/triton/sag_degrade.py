@@ -28,7 +28,7 @@ import triton.language as tl
 from .. import _layout
 from ..backends import triton_interpreter
 from .._library import SagDegradeArgs
-from .._spec import RENOISE, blur_weights, nearest_scale
+from .._spec import RENOISE, blur_taps, nearest_scale
 from ._common import device_guard
 
 BLOCK_H = 8
@@ -119,7 +119,9 @@ def _degrade_kernel(out_ptr, deg_ptr, x_ptr, other_ptr, map_ptr, alpha_ptr,
 
 
 def sag_degrade(a: SagDegradeArgs):
-    x0, thresholded, threshold, kernel_size, sigma = a.x0, a.thresholded, a.threshold, a.kernel_size, a.sigma
+    x0, thresholded, threshold = a.x0, a.thresholded, a.threshold
+    taps = blur_taps(a.kernel_size, a.sigma)  # zero-weight taps dropped
+    kernel_size = len(taps)
     renoise, alpha, alpha_tensor, other, return_degraded = a.renoise, a.alpha, a.alpha_tensor, a.other, a.return_degraded
     out = _layout.output_like(x0)
     degraded = _layout.output_like(x0) if return_degraded else x0.new_empty((0,))
@@ -141,7 +143,7 @@ def sag_degrade(a: SagDegradeArgs):
             *x0.stride(), *out.stride(), *other_t.stride(),
             map_h, map_w, mask_map.stride(0) if map_b > 1 else 0, mask_map.stride(1), mask_map.stride(2),
             nearest_scale(map_h, height), nearest_scale(map_w, width), float(threshold), float(alpha),
-            alpha_stride, blur_weights(kernel_size, sigma),
+            alpha_stride, taps,
             K=kernel_size, KP=triton.next_power_of_2(kernel_size), THRESHOLDED=bool(thresholded), RENOISE_MODE=RENOISE[renoise],
             ALPHA_TENSOR=alpha_tensor is not None, WRITE_DEGRADED=bool(return_degraded),
             BLOCK_H=block_h, BLOCK_W=block_w, num_warps=NUM_WARPS)
