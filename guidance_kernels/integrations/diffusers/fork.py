@@ -83,7 +83,8 @@ def _route(incoming: tuple[int, ...], keep: list[bool], sources: list[str], cond
     ``sources[i]`` fills a dropped group: ``"input"`` (its own input) or ``"copy"`` (cond's output)."""
     if all(keep):
         return None
-    run = tuple(i for i, k in enumerate(keep) if k)
+    computed = keep if any(keep) else [True] * len(keep)  # models need a non-empty batch: compute, then replace
+    run = tuple(i for i, k in enumerate(computed) if k)
     position = {i: n for n, i in enumerate(run)}
     fill = []
     for i in range(len(incoming)):
@@ -123,7 +124,7 @@ def plan_branches(blocks: list[str], kinds: list[str], perturbations: dict[str, 
         route = _route(incoming, keep, ["input" if mode[i] == "block" else "copy" for i in incoming], cond)
         if route is not None:
             routes[block] = route
-        block_run = tuple(i for i in incoming if keep[i])
+        block_run = incoming if route is None else tuple(incoming[i] for i in route.run)
         computes[block] = block_run
         for skip in ("attention", "ff"):
             if not any(m == skip for m in mode):
