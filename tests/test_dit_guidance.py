@@ -113,8 +113,9 @@ def _seg_blur(x, grid, sigma, blur):
     return out.reshape(b, c, n).transpose(1, 2)
 
 
-def _image_slice(family, block, module, grid, text):
-    single = "single" in block
+def _image_slice(family, layer, grid, text):
+    """The image tokens of ``to_q``'s output (single-stream blocks project text and image together)."""
+    single = "single" in layer
     if family == "flux" and single:
         return slice(text, None)
     if family == "hunyuan_video" and single:
@@ -148,7 +149,7 @@ def perturbed(model, family, kind, layers, grid, text, *, sigma=SIGMA, blur="fra
         return _hooks(handles), {}
     if kind == "seg":
         for name in gkd.select_layers(model, layers):
-            image = _image_slice(family, name, attention[name], grid, text)
+            image = _image_slice(family, name, grid, text)
 
             def blur_q(module, args, out, image=image):
                 out = out.clone()
@@ -350,3 +351,94 @@ def test_compiled_dit_compiles_once_while_scales_change(family):
         args = dict(**cond, **negative, model_kwargs=kw, **scales)
         _close(den(sample, t, **args), eager(sample, t, **args))
     assert counter.frame_count == 1, counter.frame_count
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _denoise(den, family, **overrides):
+    sample, cond, uncond, kw, _ = tm.dit_inputs(family, batch=1)
+    args = dict(**cond, **{f"negative_{k}": v for k, v in uncond.items()}, model_kwargs=kw, guidance_scale=4.0)
+    args.update(overrides)
+    return den(args.pop("sample", sample), args.pop("timestep", _timestep(family, 1)), **args)
+
+
+def test_bad_models_layers_and_perturbations_are_named(models):
+    with pytest.raises(TypeError, match=r"GuidedDenoiser: model: Linear is not a supported diffusers model "
+                                        r"\(supported: UNet2DConditionModel, SD3Transformer2DModel, .*Hunyuan"):
+        gkd.GuidedDenoiser(torch.nn.Linear(2, 2))
+    wan, flux = models["wan"], models["flux"]
+    with pytest.raises(ValueError, match=r"GuidedDenoiser: pag_layers: layer selector 'blocks.7' matches no "
+                                         r"self-attention layer .*layers: blocks.0.attn1"):
+        gkd.GuidedDenoiser(wan, pag_layers="blocks.7")
+    with pytest.raises(ValueError, match="GuidedDenoiser: seg_layers: blocks.0.attn2 is a cross-attention layer"):
+        gkd.GuidedDenoiser(wan, seg_layers="blocks.0.attn2")
+    with pytest.raises(ValueError, match=r"GuidedDenoiser: slg_layers: single_transformer_blocks.0 "
+                                         r"\(FluxSingleTransformerBlock\) has no feed-forward"):
+        gkd.GuidedDenoiser(flux, slg_layers="single_transformer_blocks", slg_skip="ff")
+    with pytest.raises(ValueError, match="GuidedDenoiser: slg_layers: block selector 'blocks.1.attn1' names a module "
+                                         "inside block blocks.1"):
+        gkd.GuidedDenoiser(wan, slg_layers="blocks.1.attn1")
+    with pytest.raises(ValueError, match="GuidedDenoiser: slg_layers: block selector 9 matches no block"):
+        gkd.GuidedDenoiser(wan, slg_layers=9)
+    with pytest.raises(ValueError, match=r"GuidedDenoiser: slg_skip: must be one of \('block', 'attention', 'ff'\)"):
+        gkd.GuidedDenoiser(wan, slg_layers=1, slg_skip="residual")
+    with pytest.raises(ValueError, match=r"GuidedDenoiser: seg_blur: must be one of \('frame', '3d'\)"):
+        gkd.GuidedDenoiser(wan, seg_blur="2d")
+    with pytest.raises(ValueError, match="GuidedDenoiser: slg_layers: layer skips need a transformer"):
+        gkd.GuidedDenoiser(tm.unet_sd(), slg_layers=0)
+
+
+def test_bad_call_arguments_are_named(models):
+    wan, sd35 = models["wan"], models["sd35"]
+    with gkd.GuidedDenoiser(wan, slg_layers=None) as den:
+        with pytest.raises(ValueError, match=r"GuidedDenoiser: sample: the latent \(T, H, W\) = \(3, 7, 12\) is not "
+                                             r"divisible by WanTransformer3DModel's patch size \(1, 2, 2\)"):
+            _denoise(den, "wan", sample=torch.randn(1, 4, 3, 7, 12))
+        with pytest.raises(ValueError, match=r"GuidedDenoiser: sample: WanTransformer3DModel takes \(B, C, T, H, W\)"):
+            _denoise(den, "wan", sample=torch.randn(1, 4, 8, 12))
+        with pytest.raises(ValueError, match="GuidedDenoiser: slg_scale: SLG needs blocks to skip"):
+            _denoise(den, "wan", slg_scale=1.0)
+        with pytest.raises(ValueError, match="GuidedDenoiser: pooled_projections: WanTransformer3DModel takes no "
+                                             "pooled_projections"):
+            _denoise(den, "wan", pooled_projections=torch.randn(1, 8))
+        with pytest.raises(ValueError, match=r"GuidedDenoiser: negative_encoder_hidden_states: shape \(1, 7, 16\) "
+                                             r"differs from encoder_hidden_states \(1, 5, 16\)"):
+            _denoise(den, "wan", negative_encoder_hidden_states=torch.randn(1, 7, 16))
+        with pytest.raises(ValueError, match="GuidedDenoiser: timestep: batch 3 differs from sample's 1"):
+            _denoise(den, "wan", timestep=torch.tensor([1.0, 2.0, 3.0]))
+    with gkd.GuidedDenoiser(sd35) as den:
+        with pytest.raises(ValueError, match="GuidedDenoiser: pooled_projections: required by SD3Transformer2DModel"):
+            _denoise(den, "sd35", pooled_projections=None)
+        with pytest.raises(ValueError, match="GuidedDenoiser: negative_pooled_projections: required for CFG"):
+            _denoise(den, "sd35", negative_pooled_projections=None)
+    with gkd.GuidedDenoiser(models["ltx"], seg_layers="blocks.0") as den:
+        _, _, _, kw, _ = tm.dit_inputs("ltx")
+        with pytest.raises(ValueError, match="GuidedDenoiser: model_kwargs: LTXVideoTransformer3DModel needs "
+                                             "num_frames, height and width"):
+            _denoise(den, "ltx", seg_scale=1.0, model_kwargs={k: v for k, v in kw.items() if k != "height"})
+    with gkd.GuidedDenoiser(models["flux"], seg_layers="blocks.0") as den:
+        with pytest.raises(ValueError, match=r"GuidedDenoiser: token_grid: the grid \(1, 5, 5\) has 25 tokens but "
+                                             r"sample has 24"):
+            _denoise(den, "flux", seg_scale=1.0, token_grid=(5, 5))
+
+
+# --------------------------------------------------------------------------- benchmark cases
+
+
+def test_dit_bench_cases_run_on_cpu():
+    """The benchmark family's cases build on the CPU (tiny Wan), their FLOP limits order as the fork
+    predicts, and every guided provider of a case computes the same step."""
+    from guidance_kernels.bench import cases_dit
+
+    flux, wan = cases_dit._specs(gpu=False)
+    assert flux.cls == "FluxTransformer2DModel" and wan.cls == "WanTransformer3DModel"
+    cases = cases_dit._spec_cases(wan, torch.device("cpu"), torch.float32)
+    assert [c.name.split(" (")[0] for c in cases] == ["Wan tiny CFG+PAG blocks.2", "Wan tiny CFG+SEG inf blocks.2",
+                                                      "Wan tiny CFG+SLG [2]", "Wan tiny CFG+PAG+SEG+SLG"]
+    limits = [float(c.name.rsplit("limit ", 1)[1].split("x")[0]) for c in cases]
+    assert all(1.0 < x < 1.5 for x in limits[:3]) and 1.5 < limits[3] < 2.5, limits
+    outputs = {p.name: p.fn() for p in cases[-1].providers}
+    guided = [v for k, v in outputs.items() if k != "CFG-only step"]
+    for out in guided[1:]:
+        _close(out, guided[0])

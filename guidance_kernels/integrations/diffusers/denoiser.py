@@ -40,8 +40,8 @@ and ``sag_scale · (D_uncond − D_degraded)`` joins the combine.
 
 from __future__ import annotations
 
-import math
 import numbers
+import weakref
 from typing import Any
 
 import torch
@@ -163,7 +163,7 @@ class GuidedDenoiser:
         self.state = ForwardState(ops=self.ops, seg_sigma=seg_sigma, seg_blur=seg_blur)
         self._plans: dict[tuple, BranchPlan] = {}
         self._original: dict[str, Any] = {}
-        self._grid_key, self._grid = None, None
+        self._grid_ids = None  # (weakref to Flux's img_ids, its version, tokens, the grid read from it)
         self._install()
 
     # ------------------------------------------------------------------ layer choice
@@ -391,21 +391,27 @@ class GuidedDenoiser:
         return {"cond": cond, "uncond": uncond}
 
     def _set_grids(self, sample, model_kwargs, given, ehs, *, seg: bool) -> None:
+        """Latent / token grids of this call. A grid read from the latent's shape is always checked
+        (a patch size that does not divide the latent would crop it); LTX's and Flux's grids come
+        from their arguments and are read only when SEG needs them."""
         state = self.state
         if self.unet:
             state.latent_hw = tuple(sample.shape[-2:])
             return
         state.text_tokens = ehs.shape[1]
-        if not seg:
+        from_shape = self.family.name in ("sd3", "wan", "hunyuan_video")
+        if not (seg or from_shape):
             state.token_grid = None
             return
         ids = model_kwargs.get("img_ids")
-        key = (given, tuple(sample.shape), id(ids), getattr(ids, "_version", None))
-        if given is None and self.family.name == "flux" and key == self._grid_key:
-            state.token_grid = self._grid  # img_ids read once, not every step (a host sync)
-            return
+        if given is None and self.family.name == "flux" and isinstance(ids, torch.Tensor):
+            cached = self._grid_ids
+            if cached is not None and cached[0]() is ids and cached[1:] == (ids._version, sample.shape[1]):
+                state.token_grid = cached[3]  # img_ids read once, not every step (a host sync)
+                return
         state.token_grid = token_grid(FN, self.family, self.model, sample, model_kwargs, given)
-        self._grid_key, self._grid = key, state.token_grid
+        if given is None and self.family.name == "flux" and isinstance(ids, torch.Tensor):
+            self._grid_ids = (weakref.ref(ids), ids._version, sample.shape[1], state.token_grid)
 
     def _forward_branches(self, plan: BranchPlan, sample, timestep, inputs, model_kwargs) -> list[torch.Tensor]:
         if not self.per_branch:
