@@ -44,8 +44,8 @@ LAYERS = {
     "wan": dict(pag="blocks.1", seg="blocks.0", slg={"block": [2], "attention": [1], "ff": [2]}),
     "ltx": dict(pag="blocks.1", seg="blocks.0", slg={"block": [2], "attention": [1], "ff": [0]}),
     "hunyuan_video": dict(pag="blocks.1", seg="single_transformer_blocks.0",
-                          slg={"block": ["single_transformer_blocks.1", 0], "attention": ["single_transformer_blocks.0"],
-                               "ff": [1]}),
+                          slg={"block": ["single_transformer_blocks.1", 0],
+                               "attention": ["single_transformer_blocks.0"], "ff": [1]}),
 }
 SIGMA = 0.8  # kernel 5: inside every cap of the 4x6 token grids
 SCALES = dict(guidance_scale=4.0, pag_scale=2.0, seg_scale=1.5, slg_scale=1.25)

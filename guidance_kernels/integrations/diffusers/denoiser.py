@@ -126,7 +126,8 @@ class GuidedDenoiser:
         sag_blur_sigma: σ of SAG's 9×9 blur (diffusers 1.0; ComfyUI 2.0).
         fork: compute perturbed branches from their first perturbed block on (exact; faster).
         per_branch: one model call per branch (what diffusers' guiders do; lower peak memory, and
-            the baseline of the benchmark) instead of one batched call.
+            the baseline of the benchmark) instead of one batched call. A branch's call still runs
+            a block it skips (diffusers' models need a non-empty batch) and takes its inputs back.
         scheduler: a diffusers scheduler with ``alphas_cumprod`` and ``config.prediction_type`` (SAG).
         reference: compute every branch the way the anchors do — the reference formulations of
             :mod:`.ops` (per-row SDPA, conv2d query blur, explicit attention map for SAG, eager
@@ -174,9 +175,9 @@ class GuidedDenoiser:
         except (TypeError, ValueError) as exc:
             cross = self._cross_attention_named(selectors)
             if cross:
+                layers = _layers.preview(list(_layers.self_attention_layers(self.model)))
                 raise ValueError(f"{FN}: {arg}: {cross} is a cross-attention layer: PAG and SEG perturb "
-                                 f"self-attention; layers: {', '.join(list(_layers.self_attention_layers(self.model))[:6])}"
-                                 ) from None
+                                 f"self-attention; layers: {layers}") from None
             raise type(exc)(f"{FN}: {arg}: {exc}") from None
 
     def _cross_attention_named(self, selectors) -> str | None:
@@ -309,9 +310,12 @@ class GuidedDenoiser:
         perturbed ones); the ``negative_*`` versions the uncond branch. ``model_kwargs``: the
         model's other arguments, the same for every branch — e.g. Flux ``img_ids``, ``txt_ids``,
         ``guidance``; Wan ``encoder_hidden_states_image``; LTX ``num_frames``, ``height``,
-        ``width``, ``rope_interpolation_scale``; HunyuanVideo ``guidance`` (per-sample tensors are
-        repeated for every branch). ``token_grid``: the image-token grid ``(H, W)`` / ``(T, H, W)``
-        where the model takes packed tokens (Flux; default: read from ``img_ids``).
+        ``width``, ``rope_interpolation_scale``, ``video_coords``; HunyuanVideo ``guidance``. The
+        per-sample ones among them (Flux / HunyuanVideo ``guidance``, Wan
+        ``encoder_hidden_states_image``, LTX ``video_coords``; see :mod:`.models`) are repeated for
+        every branch, the others passed as they are. ``token_grid``: the image-token grid
+        ``(H, W)`` / ``(T, H, W)`` where the model takes packed tokens (Flux; default: read once
+        from ``img_ids``, a host read).
         ``combine``: ``"cfg"`` (diffusers' CFG + PAG/SEG/SLG/SAG terms and rescale), ``"apg"`` or
         ``"cfg_zero_star"`` (CFG only; ``combine_kwargs`` go to apg_combine / cfg_zero_star_combine).
         Returns the guided prediction in ``sample``'s layout and the model's output dtype. Runs

@@ -142,7 +142,8 @@ def _as_list(selectors) -> list:
     return list(selectors)
 
 
-def _preview(names: list[str]) -> str:
+def preview(names: list[str]) -> str:
+    """The first names of a list, for error messages."""
     return ", ".join(names[:6]) + (", …" if len(names) > 6 else "")
 
 
@@ -158,7 +159,7 @@ def select_layers(model: torch.nn.Module, selectors: str | int | Iterable[str | 
         matched = [n for p in _prefixes(model, selector, layers) for n in layers if _under(n, p)]
         if not matched:
             raise ValueError(f"layer selector {selector!r} matches no self-attention layer (exact module-name "
-                             f"prefixes, e.g. 'mid', 'down_blocks.2', 'blocks.7'); layers: {_preview(layers)}")
+                             f"prefixes, e.g. 'mid', 'down_blocks.2', 'blocks.7'); layers: {preview(layers)}")
         chosen.update(matched)
     return [n for n in layers if n in chosen]
 
@@ -176,7 +177,7 @@ def select_blocks(model: torch.nn.Module, selectors) -> list[str]:
             raise ValueError(f"block selector {selector!r} names a module inside block {inside[0]}: layer skips act "
                              "on whole blocks (choose what they skip with slg_skip)")
         if not matched:
-            raise ValueError(f"block selector {selector!r} matches no block; blocks: {_preview(blocks)}")
+            raise ValueError(f"block selector {selector!r} matches no block; blocks: {preview(blocks)}")
         chosen.update(matched)
     return [b for b in blocks if b in chosen]
 
