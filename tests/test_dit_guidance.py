@@ -23,6 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
+import runpy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -442,3 +446,14 @@ def test_dit_bench_cases_run_on_cpu():
     guided = [v for k, v in outputs.items() if k != "CFG-only step"]
     for out in guided[1:]:
         _close(out, guided[0])
+
+
+def test_video_example_runs_and_both_paths_agree(capsys, monkeypatch):
+    example = Path(__file__).resolve().parents[1] / "examples" / "guided_video_sampling.py"
+    monkeypatch.setattr(sys, "argv", [str(example), "--steps", "2", "--frames", "2", "--size", "8", "--device", "cpu"])
+    runpy.run_path(str(example), run_name="__main__")
+    out = capsys.readouterr().out
+    assert re.search(r"one forward \(forked\)\s+[\d.]+ ms/step", out), out
+    assert re.search(r"one call per branch .*\s[\d.]+ ms/step", out), out
+    diff = float(re.search(r"max \|difference\| of the final latents: ([\d.e+-]+)", out).group(1))
+    assert diff < 1e-4, out  # fp32: one batched forward equals one call per branch
