@@ -40,7 +40,6 @@ and ``sag_scale · (D_uncond − D_degraded)`` joins the combine.
 
 from __future__ import annotations
 
-import numbers
 import weakref
 from typing import Any
 
@@ -64,15 +63,6 @@ COMBINES = ("cfg", "apg", "cfg_zero_star")
 _PROCESSORS = {"unet": GuidedAttnProcessor, "sd3": GuidedJointAttnProcessor, "flux": GuidedFluxAttnProcessor,
                "wan": GuidedWanAttnProcessor, "ltx": GuidedLTXAttnProcessor,
                "hunyuan_video": GuidedHunyuanVideoAttnProcessor}
-
-
-def _sigma(arg: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{FN}: {arg}: expected a real number, got {type(value).__name__}")
-    value = float(value)
-    if not value > 0:  # also NaN
-        raise ValueError(f"{FN}: {arg}: must be > 0 (and not NaN), got {value}")
-    return value
 
 
 def _choice(arg: str, value, choices) -> str:
@@ -142,8 +132,8 @@ class GuidedDenoiser:
         self.family: Family = require_family(FN, model)
         self.model = model
         self.unet = self.family.is_unet
-        seg_sigma = _sigma("seg_sigma", seg_sigma)
-        self.sag_blur_sigma = _sigma("sag_blur_sigma", sag_blur_sigma)
+        seg_sigma = _checks.sigma(FN, "seg_sigma", seg_sigma)
+        self.sag_blur_sigma = _checks.sigma(FN, "sag_blur_sigma", sag_blur_sigma)
         self.slg_skip = _choice("slg_skip", slg_skip, SKIP_MODES)
         seg_blur = _choice("seg_blur", seg_blur, BLURS)
         default = "mid" if self.unet else "blocks.1"

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from guidance_kernels.reference import SEG_INF_SIGMA, gaussian_kernel_1d, seg_kernel_size
+from guidance_kernels._spec import SEG_INF_SIGMA, blur_weights, seg_kernel_size
 
 BLURS = ("frame", "3d")
 
@@ -54,7 +54,7 @@ def _temporal_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     size = temporal_kernel_size(sigma, frames)
     if size <= 1:
         return x
-    weights = gaussian_kernel_1d(size, sigma).tolist()
+    weights = blur_weights(size, sigma)
     pad = size // 2
     # reflect padding (no edge repeat) as index arithmetic: frame -1 is frame 1, frame T is T - 2
     index = [abs(t) if t < frames else 2 * (frames - 1) - t for t in range(-pad, frames + pad)]
