@@ -32,9 +32,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guidance_kernels import reference as R
-from guidance_kernels.integrations import diffusers as gkd
-import tiny_models as tm
+pytest.importorskip("diffusers")
+
+from guidance_kernels import reference as R  # noqa: E402
+from guidance_kernels.integrations import diffusers as gkd  # noqa: E402
+import tiny_models as tm  # noqa: E402
 
 FACTORIES = {"sd35": tm.sd35, "flux": tm.flux, "wan": tm.wan, "ltx": tm.ltx, "hunyuan_video": tm.hunyuan_video}
 VIDEO = ("wan", "ltx", "hunyuan_video")
