@@ -287,10 +287,29 @@ def test_guided_denoiser_bad_arguments():
         gkd.GuidedDenoiser(unet, sag=True)
     with pytest.raises(ValueError, match="sag: self-attention guidance needs a UNet"):
         gkd.GuidedDenoiser(sd3(), sag=True, scheduler=object())
+    with pytest.raises(ValueError, match=r"GuidedDenoiser: sag_blur_sigma: must be > 0 \(and not NaN\), got nan"):
+        gkd.GuidedDenoiser(unet, sag_blur_sigma=float("nan"))
+    with pytest.raises(TypeError, match="GuidedDenoiser: seg_sigma: expected a real number, got str"):
+        gkd.GuidedDenoiser(unet, seg_sigma="x")
+    with pytest.raises(TypeError, match=r"GuidedDenoiser: model: Sequential is not a supported diffusers model "
+                                        r"\(supported: UNet2DConditionModel, SD3Transformer2DModel"):
+        gkd.GuidedDenoiser(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     sample, cond, uncond, _ = unet_inputs()
     with gkd.GuidedDenoiser(unet) as den:
         with pytest.raises(ValueError, match="negative_encoder_hidden_states: required for CFG"):
             den(sample, 10, encoder_hidden_states=cond, guidance_scale=5.0)
+        call = dict(encoder_hidden_states=cond, negative_encoder_hidden_states=uncond, guidance_scale=5.0)
+        bad = [dict(guidance_scale=float("nan")), dict(guidance_scale=float("inf")), dict(pag_scale=float("nan")),
+               dict(pag_scale=torch.tensor([1.0, 2.0, 3.0])), dict(sag_scale=float("nan")),
+               dict(guidance_rescale=float("nan")), dict(guidance_rescale=torch.ones(3)),
+               dict(seg_scale=torch.tensor([float("nan")]))]
+        for override in bad:  # each named by the caller's argument, not guidance_combine's internals
+            (name,) = override
+            with pytest.raises(ValueError, match=f"GuidedDenoiser: {name}: "):
+                den(sample, 10, **{**call, **override})
+        with pytest.raises(ValueError, match="GuidedDenoiser: encoder_hidden_states: batch 2 differs from sample's 1"):
+            den(sample, 10, **{**call, "encoder_hidden_states": cond.expand(2, -1, -1),
+                               "negative_encoder_hidden_states": uncond.expand(2, -1, -1)})
 
 
 def test_remove_restores_the_original_processors():

@@ -12,13 +12,18 @@ Two ways in:
       image = pipe(prompt, guidance_scale=7.0, pag_scale=3.0).images[0]
 
 * :class:`GuidedDenoiser` — for custom loops and for pipelines without PAG support: CFG, PAG,
-  SEG and SAG branches in one forward (perturbed branches forked from cond at their first
-  perturbed block), combined by guidance_combine / apg_combine / cfg_zero_star_combine.
+  SEG, SLG / STG and SAG branches in one forward (perturbed branches forked from cond at their
+  first perturbed block), combined by guidance_combine / apg_combine / cfg_zero_star_combine, for
+  SD1.5 / SDXL UNets and the SD3 / SD3.5, Flux, Wan, LTX-Video and HunyuanVideo transformers.
 
       den = GuidedDenoiser(unet, pag_layers=["mid"], seg_layers=["mid"], sag=True, scheduler=scheduler)
       noise = den(latents, t, encoder_hidden_states=cond, negative_encoder_hidden_states=uncond,
                   added_cond_kwargs=cond_kw, negative_added_cond_kwargs=uncond_kw,
                   guidance_scale=7.5, pag_scale=3.0, seg_scale=3.0, sag_scale=0.75)
+
+      den = GuidedDenoiser(wan, pag_layers="blocks.8", slg_layers=[9], seg_layers="blocks.8")
+      noise = den(latents, t, encoder_hidden_states=cond, negative_encoder_hidden_states=uncond,
+                  guidance_scale=5.0, pag_scale=1.0, slg_scale=1.0, seg_scale=1.0)
 """
 
 from __future__ import annotations
@@ -28,8 +33,16 @@ import types
 import torch
 
 from .denoiser import SAG_LAYER, GuidedDenoiser
-from .fork import BranchPlan, ForwardState, install_fork_hooks, plan_branches
-from .layers import select_layers, self_attention_layers, top_level_blocks
+from .dit_processors import (
+    GuidedFluxAttnProcessor,
+    GuidedHunyuanVideoAttnProcessor,
+    GuidedLTXAttnProcessor,
+    GuidedWanAttnProcessor,
+)
+from .fork import BranchPlan, ForwardState, install_routers, plan_branches
+from .layers import select_blocks, select_layers, self_attention_layers, top_level_blocks
+from .models import SUPPORTED
+from .ops import FUSED, REFERENCE, Ops
 from .processors import (
     GuidedAttnProcessor,
     GuidedJointAttnProcessor,
@@ -43,15 +56,24 @@ __all__ = [
     "enable",
     "GuidedDenoiser",
     "SAG_LAYER",
+    "SUPPORTED",
     "select_layers",
+    "select_blocks",
     "self_attention_layers",
     "top_level_blocks",
     "BranchPlan",
     "ForwardState",
     "plan_branches",
-    "install_fork_hooks",
+    "install_routers",
+    "Ops",
+    "FUSED",
+    "REFERENCE",
     "GuidedAttnProcessor",
     "GuidedJointAttnProcessor",
+    "GuidedFluxAttnProcessor",
+    "GuidedWanAttnProcessor",
+    "GuidedLTXAttnProcessor",
+    "GuidedHunyuanVideoAttnProcessor",
     "PAGCFGIdentityAttnProcessor",
     "PAGIdentityAttnProcessor",
     "PAGCFGJointAttnProcessor",

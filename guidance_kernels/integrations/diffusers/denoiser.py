@@ -1,12 +1,32 @@
-"""GuidedDenoiser: CFG + PAG + SEG (+ SAG) with every branch in ONE denoiser forward.
+"""GuidedDenoiser: CFG + PAG + SEG + SLG/STG (+ SAG) with every branch in ONE denoiser forward.
 
-Wraps a diffusers ``UNet2DConditionModel`` (SD1.5 / SDXL) or an SD3-style transformer
-(``SD3Transformer2DModel``). Guided attention processors are installed once on the chosen layers;
-per call the denoiser builds the batch ``[uncond, cond, pag, seg]`` (the branches that are on),
-runs one forward in which each row gets its attention mode at each layer, captures SAG's key mass
-of the uncond rows in that same forward, and combines the branches with
-:func:`guidance_kernels.guidance_combine` (or APG / CFG-Zero*). With ``fork=True`` (default) the
-perturbed branches join the batch at their first perturbed block (see :mod:`.fork`).
+Wraps a diffusers UNet (SD1.5 / SDXL) or transformer (SD3 / SD3.5, Flux, Wan, LTX-Video,
+HunyuanVideo; see :mod:`.models`). Guided attention processors are installed once on the chosen
+layers and routers on the blocks (:mod:`.fork`); per call the denoiser builds the batch
+``[uncond, cond, pag, seg, slg]`` (the branches that are on), runs one forward in which each row
+gets its perturbation at each layer, captures SAG's key mass of the uncond rows in that same
+forward (UNet), and combines the branches with ``guidance_combine`` (or APG / CFG-Zero*). With
+``fork=True`` (default) the perturbed branches are computed from their first perturbed block on
+(before it they equal the cond branch).
+
+Perturbations, in diffusers' terms (``LayerSkipConfig`` / ``SmoothedEnergyGuidanceConfig`` on
+the chosen blocks):
+
+======================================================  =====================================================
+diffusers                                               here
+======================================================  =====================================================
+PAG, ``skip_attention_scores=True`` (STG-A as the STG   ``pag_layers``: self-attention output = V (joint
+authors define it: attention output := V)               attention: text queries keep their attention, image
+                                                        query i sees key i and the text keys)
+SEG, blur of ``to_q``'s output                          ``seg_layers``, ``seg_sigma`` (> 9999: the mean),
+                                                        ``seg_blur="frame"`` (per frame) or ``"3d"``
+SLG / STG-R, ``skip_attention=True, skip_ff=True``      ``slg_layers``, ``slg_skip="block"``: the block
+                                                        returns its inputs (in its own return order)
+``skip_attention=True, skip_ff=False``                  ``slg_skip="attention"``: the block's self-attention
+                                                        returns its input
+``skip_attention=False, skip_ff=True``                  ``slg_skip="ff"``: the block's feed-forward returns
+                                                        its input
+======================================================  =====================================================
 
 Scales are Python numbers or tensors (0-d or per-sample); a branch is on when its scale is a tensor
 or a non-zero number (CFG: > 1 as in diffusers, or a tensor). Changing scales changes tensors only;
@@ -20,93 +40,214 @@ and ``sag_scale · (D_uncond − D_degraded)`` joins the combine.
 
 from __future__ import annotations
 
-import math
+import weakref
 from typing import Any
 
 import torch
 
-from ...ops import guidance_combine as _combine
-from ... import terms as _terms
+import guidance_kernels as gk
+from guidance_kernels import _checks
+
 from . import layers as _layers
-from .fork import BranchPlan, ForwardState, install_fork_hooks, plan_branches
+from .dit_processors import (GuidedFluxAttnProcessor, GuidedHunyuanVideoAttnProcessor, GuidedLTXAttnProcessor,
+                             GuidedWanAttnProcessor)
+from .fork import SKIP_MODES, BranchPlan, ForwardState, Perturbation, install_routers, plan_branches
+from .models import Family, check_sample, require_family, token_grid
+from .ops import FUSED, REFERENCE
 from .processors import GuidedAttnProcessor, GuidedJointAttnProcessor
+from .tokens import BLURS
 
 SAG_LAYER = "mid_block.attentions.0.transformer_blocks.0.attn1"  # diffusers' SAG pipeline's capture layer
+FN = "GuidedDenoiser"
+COMBINES = ("cfg", "apg", "cfg_zero_star")
+_PROCESSORS = {"unet": GuidedAttnProcessor, "sd3": GuidedJointAttnProcessor, "flux": GuidedFluxAttnProcessor,
+               "wan": GuidedWanAttnProcessor, "ltx": GuidedLTXAttnProcessor,
+               "hunyuan_video": GuidedHunyuanVideoAttnProcessor}
 
 
-def _on(scale) -> bool:
-    return isinstance(scale, torch.Tensor) or (scale is not None and float(scale) != 0.0)
+def _choice(arg: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{FN}: {arg}: must be one of {choices}, got {value!r}")
+    return value
 
 
-def _cfg_on(scale) -> bool:
-    return isinstance(scale, torch.Tensor) or (scale is not None and float(scale) > 1.0)
+def _scale_on(arg: str, value, batch: int, device, *, cfg: bool = False) -> bool:
+    """Validate a guidance scale by the caller's name; True when its branch is on."""
+    if value is None and cfg:
+        return False
+    _checks.scale(FN, arg, value, batch, device)
+    if isinstance(value, torch.Tensor):
+        return True
+    return float(value) > 1.0 if cfg else float(value) != 0.0
+
+
+def _tensor_arg(arg: str, value, batch: int, *, like=None, like_name: str = ""):
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{FN}: {arg}: expected a tensor, got {type(value).__name__}")
+    if value.dim() == 0 or value.shape[0] != batch:
+        raise ValueError(f"{FN}: {arg}: batch {value.shape[0] if value.dim() else '()'} differs from sample's "
+                         f"{batch}")
+    if like is not None and value.shape != like.shape:
+        raise ValueError(f"{FN}: {arg}: shape {tuple(value.shape)} differs from {like_name} {tuple(like.shape)} "
+                         "(the branches are batched: give both the same length)")
+
+
+def _repeat(x, n: int):
+    return x if n == 1 else torch.cat([x] * n)
 
 
 class GuidedDenoiser:
-    """Guided denoiser step for a diffusers UNet or SD3-style transformer.
+    """Guided denoiser step for a diffusers UNet or transformer (see the module docstring).
 
     Args:
-        model: ``UNet2DConditionModel`` or ``SD3Transformer2DModel`` (or a compatible DiT).
+        model: ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``,
+            ``WanTransformer3DModel``, ``LTXVideoTransformer3DModel`` or
+            ``HunyuanVideoTransformer3DModel`` (or a subclass).
         pag_layers / seg_layers: layer selectors (see :mod:`.layers`) perturbed by the PAG branch
             (identity attention) and the SEG branch (Gaussian-blurred queries). Defaults follow
-            diffusers: ``"mid"`` for UNets, ``"blocks.1"`` for DiTs.
-        seg_sigma: SEG's blur σ (> 9999 = infinite: every query is the grid mean; SEG-SDXL's default).
+            diffusers: ``"mid"`` for UNets, ``"blocks.1"`` for transformers.
+        slg_layers: block selectors skipped by the SLG / STG branch (transformers; e.g. ``[7, 8, 9]``
+            for SD3.5 medium); ``slg_skip``: what is skipped there (``"block"``, ``"attention"``,
+            ``"ff"``).
+        seg_sigma: SEG's blur σ (> 9999 = infinite: the grid mean; SEG-SDXL's default).
+        seg_blur: ``"frame"`` (each video frame over (H, W)) or ``"3d"`` (also along T).
         sag: capture SAG's attention key mass (UNet; diffusers' mid-block layer) and add SAG when
             ``sag_scale`` is on; needs ``scheduler``.
         sag_blur_sigma: σ of SAG's 9×9 blur (diffusers 1.0; ComfyUI 2.0).
-        fork: let perturbed branches join the batch at their first perturbed block (exact; faster).
+        fork: compute perturbed branches from their first perturbed block on (exact; faster).
+        per_branch: one model call per branch (what diffusers' guiders do; lower peak memory, and
+            the baseline of the benchmark) instead of one batched call. A branch's call still runs
+            a block it skips (diffusers' models need a non-empty batch) and takes its inputs back.
         scheduler: a diffusers scheduler with ``alphas_cumprod`` and ``config.prediction_type`` (SAG).
-        reference: compute every branch the way the anchors do — the references of
-            :mod:`guidance_kernels.reference` (chunked SDPA, conv2d query blur, explicit attention
-            map for SAG, eager combine) instead of the ops. The no-kernels baseline of the example
-            and the benchmark; use ``fork=False`` with it for the stock batched forward.
+        reference: compute every branch the way the anchors do — the reference formulations of
+            :mod:`.ops` (per-row SDPA, conv2d query blur, explicit attention map for SAG, eager
+            combine) instead of the fused ops. The no-kernels baseline of the example and the
+            benchmark; use ``fork=False`` with it for the stock batched forward.
     """
 
-    def __init__(self, model: torch.nn.Module, *, pag_layers=None, seg_layers=None, seg_sigma: float = 9999999.0,
-                 sag: bool = False, sag_blur_sigma: float = 1.0, fork: bool = True, scheduler: Any = None,
+    def __init__(self, model: torch.nn.Module, *, pag_layers=None, seg_layers=None, slg_layers=None,
+                 slg_skip: str = "block", seg_sigma: float = 9999999.0, seg_blur: str = "frame", sag: bool = False,
+                 sag_blur_sigma: float = 1.0, fork: bool = True, per_branch: bool = False, scheduler: Any = None,
                  reference: bool = False):
+        self.family: Family = require_family(FN, model)
         self.model = model
-        self.unet = _layers.is_unet(model)
+        self.unet = self.family.is_unet
+        seg_sigma = _checks.sigma(FN, "seg_sigma", seg_sigma)
+        self.sag_blur_sigma = _checks.sigma(FN, "sag_blur_sigma", sag_blur_sigma)
+        self.slg_skip = _choice("slg_skip", slg_skip, SKIP_MODES)
+        seg_blur = _choice("seg_blur", seg_blur, BLURS)
         default = "mid" if self.unet else "blocks.1"
-        self.pag_layers = _layers.select_layers(model, default if pag_layers is None else pag_layers)
-        self.seg_layers = _layers.select_layers(model, default if seg_layers is None else seg_layers)
-        if not (seg_sigma > 0) or math.isnan(seg_sigma):
-            raise ValueError(f"GuidedDenoiser: seg_sigma: must be > 0, got {seg_sigma}")
-        self.seg_sigma = float(seg_sigma)
+        self.pag_layers = self._select_layers("pag_layers", default if pag_layers is None else pag_layers)
+        self.seg_layers = self._select_layers("seg_layers", default if seg_layers is None else seg_layers)
+        self.blocks = _layers.top_level_blocks(model)
+        self.slg_blocks = [] if slg_layers is None else self._select_blocks(slg_layers)
         if sag and not self.unet:
-            raise ValueError("GuidedDenoiser: sag: self-attention guidance needs a UNet (its mid-block map)")
+            raise ValueError(f"{FN}: sag: self-attention guidance needs a UNet (its mid-block map)")
         if sag and scheduler is None:
-            raise ValueError("GuidedDenoiser: scheduler: SAG needs the scheduler (alphas_cumprod, prediction_type)")
+            raise ValueError(f"{FN}: scheduler: SAG needs the scheduler (alphas_cumprod, prediction_type)")
         self.sag = bool(sag)
-        self.sag_blur_sigma = float(sag_blur_sigma)
         self.scheduler = scheduler
         self.fork = bool(fork)
-        self.state = ForwardState()
-        self.state.extras["seg_sigma"] = self.seg_sigma
+        self.per_branch = bool(per_branch)
+        self.ops = REFERENCE if reference else FUSED
         self.reference = bool(reference)
-        self.state.extras["reference"] = self.reference
+        self.state = ForwardState(ops=self.ops, seg_sigma=seg_sigma, seg_blur=seg_blur)
         self._plans: dict[tuple, BranchPlan] = {}
         self._original: dict[str, Any] = {}
-        self._hooks = install_fork_hooks(model, self.state) if self.fork else []
+        self._grid_ids = None  # (weakref to Flux's img_ids, its version, tokens, the grid read from it)
         self._install()
+
+    # ------------------------------------------------------------------ layer choice
+
+    def _select_layers(self, arg: str, selectors) -> list[str]:
+        try:
+            return _layers.select_layers(self.model, selectors)
+        except (TypeError, ValueError) as exc:
+            cross = self._cross_attention_named(selectors)
+            if cross:
+                layers = _layers.preview(list(_layers.self_attention_layers(self.model)))
+                raise ValueError(f"{FN}: {arg}: {cross} is a cross-attention layer: PAG and SEG perturb "
+                                 f"self-attention; layers: {layers}") from None
+            raise type(exc)(f"{FN}: {arg}: {exc}") from None
+
+    def _cross_attention_named(self, selectors) -> str | None:
+        for selector in selectors if isinstance(selectors, (list, tuple)) else [selectors]:
+            if isinstance(selector, str):
+                try:
+                    module = self.model.get_submodule(selector.strip())
+                except AttributeError:
+                    continue
+                if hasattr(module, "processor") and selector.strip() not in _layers.self_attention_layers(self.model):
+                    return selector
+        return None
+
+    def _select_blocks(self, selectors) -> list[str]:
+        if self.unet:
+            raise ValueError(f"{FN}: slg_layers: layer skips need a transformer model (its blocks pass their "
+                             f"inputs through), not a {self.family.cls}")
+        try:
+            blocks = _layers.select_blocks(self.model, selectors)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{FN}: slg_layers: {exc}") from None
+        for block in blocks:
+            self._check_skippable(block)
+        return blocks
+
+    def _modules_of(self, block: str, what: str) -> list[str]:
+        module = self.model.get_submodule(block)
+        table = self.family.attention if what == "attention" else self.family.feed_forward
+        return [f"{block}.{a}" for a in table.get(type(module).__name__, ()) if getattr(module, a, None) is not None]
+
+    def _check_skippable(self, block: str) -> None:
+        cls = type(self.model.get_submodule(block)).__name__
+        if cls not in self.family.returns:
+            raise ValueError(f"{FN}: slg_layers: {block} is a {cls}, whose return order is not known; skippable "
+                             f"blocks: {', '.join(sorted(self.family.returns))}")
+        if self.slg_skip == "block":
+            return
+        names = self._modules_of(block, self.slg_skip)
+        if not names:
+            kind = "self-attention" if self.slg_skip == "attention" else "feed-forward (diffusers FeedForward)"
+            raise ValueError(f"{FN}: slg_layers: {block} ({cls}) has no {kind} module to skip; use slg_skip='block'"
+                             + (" or 'attention'" if self.slg_skip == "ff" else ""))
+        if self.slg_skip == "attention":
+            for name in names:
+                attn = self.model.get_submodule(name)
+                out_dim = attn.to_out[0].out_features if getattr(attn, "to_out", None) is not None else \
+                    attn.to_q.out_features
+                if attn.to_q.in_features != out_dim:
+                    raise ValueError(f"{FN}: slg_layers: {name} maps {attn.to_q.in_features} to {out_dim} features: "
+                                     "a skip cannot pass its input through")
 
     # ------------------------------------------------------------------ installation
 
     def _install(self) -> None:
         attention = _layers.self_attention_layers(self.model)
         layers = set(self.pag_layers) | set(self.seg_layers) | ({SAG_LAYER} if self.sag else set())
+        cls = _PROCESSORS[self.family.name]
         processors = {}
         for name in layers:
             module = attention[name]
             self._original[name] = module.processor
-            cls = GuidedJointAttnProcessor if getattr(module, "add_q_proj", None) is not None else GuidedAttnProcessor
             processors[name] = cls(self.state, name, pag=name in self.pag_layers, seg=name in self.seg_layers,
                                    sag=self.sag and name == SAG_LAYER)
             module.set_processor(processors[name])
         self.processors = processors
+        self._layer_blocks = {name: _layers.block_of(self.model, name) for name in layers}
+        routed = self.blocks if (self.fork and not self.per_branch) else self.slg_blocks
+        returns = {b: self.family.returns.get(type(self.model.get_submodule(b)).__name__, ("hidden_states",))
+                   for b in routed}
+        self._skip_modules = {}
+        if self.slg_skip != "block":
+            for block in self.slg_blocks:
+                names = self._modules_of(block, self.slg_skip)
+                self._skip_modules[block] = {self.slg_skip: names}
+                returns.update({n: ("hidden_states", "encoder_hidden_states") for n in names})
+                routed = list(routed) + names
+        self._hooks = install_routers(self.model, self.state, list(routed), returns, self.family.shared_args)
 
     def remove(self) -> None:
-        """Restore the model's original processors and remove the fork hooks."""
+        """Restore the model's original processors and remove the routing hooks."""
         attention = _layers.self_attention_layers(self.model)
         for name, processor in self._original.items():
             attention[name].set_processor(processor)
@@ -120,106 +261,208 @@ class GuidedDenoiser:
     def __exit__(self, *exc):
         self.remove()
 
-    # ------------------------------------------------------------------ one step
+    # ------------------------------------------------------------------ plans
+
+    def _perturbation(self, kind: str) -> Perturbation:
+        if kind == "slg":
+            indices = [self.blocks.index(b) for b in self.slg_blocks]
+            return Perturbation(min(indices), {i: self.slg_skip for i in indices})
+        layers = self.pag_layers if kind == "pag" else self.seg_layers
+        return Perturbation(min(self.blocks.index(self._layer_blocks[n]) for n in layers))
 
     def _plan(self, kinds: list[str], batch: int) -> BranchPlan:
-        layers = {"pag": self.pag_layers, "seg": self.seg_layers}
         key = (tuple(kinds), batch)
         if key not in self._plans:  # one plan object per branch set: the compiled model's guards stay stable
-            perturbed = {k: layers[k] for k in kinds if k in layers}
-            self._plans[key] = plan_branches(self.model, kinds, perturbed, batch, fork=self.fork)
+            perturbations = {k: self._perturbation(k) for k in kinds if k in ("pag", "seg", "slg")}
+            self._plans[key] = plan_branches(self.blocks, kinds, perturbations, batch,
+                                             fork=self.fork and not self.per_branch, modules=self._skip_modules,
+                                             layers=self._layer_blocks)
         return self._plans[key]
+
+    # ------------------------------------------------------------------ one step
 
     @torch.no_grad()
     def __call__(self, sample: torch.Tensor, timestep, *, encoder_hidden_states: torch.Tensor,
                  negative_encoder_hidden_states: torch.Tensor | None = None, added_cond_kwargs: dict | None = None,
                  negative_added_cond_kwargs: dict | None = None, pooled_projections: torch.Tensor | None = None,
-                 negative_pooled_projections: torch.Tensor | None = None, guidance_scale=None, pag_scale=0.0,
-                 pag_adaptive_scale: float = 0.0, seg_scale=0.0, sag_scale=0.0, guidance_rescale=0.0,
-                 combine: str = "cfg", **combine_kwargs) -> torch.Tensor:
-        """One guided prediction for ``sample`` (B, C, H, W) at ``timestep``.
+                 negative_pooled_projections: torch.Tensor | None = None,
+                 encoder_attention_mask: torch.Tensor | None = None,
+                 negative_encoder_attention_mask: torch.Tensor | None = None, model_kwargs: dict | None = None,
+                 token_grid=None, guidance_scale=None, pag_scale=0.0, pag_adaptive_scale=0.0, seg_scale=0.0,
+                 slg_scale=0.0, sag_scale=0.0, guidance_rescale=0.0, combine: str = "cfg",
+                 **combine_kwargs) -> torch.Tensor:
+        """One guided prediction for ``sample`` at ``timestep``.
 
-        ``encoder_hidden_states`` / ``added_cond_kwargs`` / ``pooled_projections`` condition the
-        cond branch (and the perturbed ones); the ``negative_*`` versions the uncond branch.
-        ``combine``: ``"cfg"`` (diffusers' CFG + PAG/SEG/SAG terms and rescale), ``"apg"`` or
+        ``sample``: the model's latent input — ``(B, C, H, W)`` (UNet, SD3), ``(B, C, T, H, W)``
+        (Wan, HunyuanVideo) or packed tokens ``(B, N, C)`` (Flux, LTX). ``encoder_hidden_states``,
+        ``pooled_projections`` (SD3, Flux, HunyuanVideo), ``added_cond_kwargs`` (SDXL) and
+        ``encoder_attention_mask`` (LTX, HunyuanVideo) condition the cond branch (and the
+        perturbed ones); the ``negative_*`` versions the uncond branch. ``model_kwargs``: the
+        model's other arguments, the same for every branch — e.g. Flux ``img_ids``, ``txt_ids``,
+        ``guidance``; Wan ``encoder_hidden_states_image``; LTX ``num_frames``, ``height``,
+        ``width``, ``rope_interpolation_scale``, ``video_coords``; HunyuanVideo ``guidance``. The
+        per-sample ones among them (Flux / HunyuanVideo ``guidance``, Wan
+        ``encoder_hidden_states_image``, LTX ``video_coords``; see :mod:`.models`) are repeated for
+        every branch, the others passed as they are. ``token_grid``: the image-token grid
+        ``(H, W)`` / ``(T, H, W)`` where the model takes packed tokens (Flux; default: read once
+        from ``img_ids``, a host read).
+        ``combine``: ``"cfg"`` (diffusers' CFG + PAG/SEG/SLG/SAG terms and rescale), ``"apg"`` or
         ``"cfg_zero_star"`` (CFG only; ``combine_kwargs`` go to apg_combine / cfg_zero_star_combine).
-        Returns the guided prediction (B, C, H, W) in the model's output dtype. Runs under
-        ``torch.no_grad()`` (as diffusers pipelines do): the guidance ops are inference ops.
+        Returns the guided prediction in ``sample``'s layout and the model's output dtype. Runs
+        under ``torch.no_grad()`` (as diffusers pipelines do): the guidance ops are inference ops.
         """
-        if combine not in ("cfg", "apg", "cfg_zero_star"):
-            raise ValueError(f"GuidedDenoiser: combine: unknown {combine!r} (cfg, apg, cfg_zero_star)")
-        b = sample.shape[0]
-        cfg = _cfg_on(guidance_scale)
-        if cfg and negative_encoder_hidden_states is None:
-            raise ValueError("GuidedDenoiser: negative_encoder_hidden_states: required for CFG (guidance_scale > 1)")
-        if pag_adaptive_scale and _on(pag_scale):
-            pag_scale = _terms.adaptive_pag_scale(pag_scale, pag_adaptive_scale, timestep)
-        kinds = (["uncond"] if cfg else []) + ["cond"]
-        kinds += [k for k, s in (("pag", pag_scale), ("seg", seg_scale)) if _on(s)]
-        sag = self.sag and _on(sag_scale)
+        family = self.family
+        _choice("combine", combine, COMBINES)
+        check_sample(FN, family, sample)
+        b, device = sample.shape[0], sample.device
+        cfg = _scale_on("guidance_scale", guidance_scale, b, device, cfg=True)
+        on = {k: _scale_on(f"{k}_scale", s, b, device) for k, s in (("pag", pag_scale), ("seg", seg_scale),
+                                                                     ("slg", slg_scale), ("sag", sag_scale))}
+        _checks.scale(FN, "pag_adaptive_scale", pag_adaptive_scale, b, device)
+        _checks.scale(FN, "guidance_rescale", guidance_rescale, b, device)
+        if on["slg"] and not self.slg_blocks:
+            raise ValueError(f"{FN}: slg_scale: SLG needs blocks to skip (GuidedDenoiser(..., slg_layers=...))")
+        inputs = self._branch_inputs(b, cfg, encoder_hidden_states, negative_encoder_hidden_states, added_cond_kwargs,
+                                     negative_added_cond_kwargs, pooled_projections, negative_pooled_projections,
+                                     encoder_attention_mask, negative_encoder_attention_mask)
+        model_kwargs = dict(model_kwargs or {})
+        if (isinstance(pag_adaptive_scale, torch.Tensor) or pag_adaptive_scale) and on["pag"]:
+            pag_scale = gk.adaptive_pag_scale(pag_scale, pag_adaptive_scale, timestep)
+        kinds = (["uncond"] if cfg else []) + ["cond"] + [k for k in ("pag", "seg", "slg") if on[k]]
+        sag = self.sag and on["sag"]
         if combine != "cfg" and (not cfg or len(kinds) > 2 or sag):
-            raise ValueError(f"GuidedDenoiser: combine={combine!r} needs CFG alone (no PAG/SEG/SAG branches)")
+            raise ValueError(f"{FN}: combine={combine!r} needs CFG alone (no PAG/SEG/SLG/SAG branches)")
         plan = self._plan(kinds, b)
-        inputs = {"uncond": (negative_encoder_hidden_states, negative_added_cond_kwargs, negative_pooled_projections),
-                  "cond": (encoder_hidden_states, added_cond_kwargs, pooled_projections)}
-        first = plan.kinds[: plan.initial]
-        self.state.plan = plan
-        self.state.grid = tuple(sample.shape[-2:])
-        if not self.unet:
-            patch = getattr(getattr(self.model, "config", None), "patch_size", 1) or 1
-            self.state.extras["token_grid"] = (sample.shape[-2] // patch, sample.shape[-1] // patch)
-        self.state.extras["sag_capture"] = sag
+        self._set_grids(sample, model_kwargs, token_grid, encoder_hidden_states, seg=on["seg"])
+        self.state.sag_capture = sag
         try:
-            pred = self._forward(sample, timestep, [inputs["uncond" if k == "uncond" else "cond"] for k in first])
-            branches = list(pred.chunk(len(plan.kinds)))
+            branches = self._forward_branches(plan, sample, timestep, inputs, model_kwargs)
             index = {k: i for i, k in enumerate(plan.kinds)}
             if sag:
-                degraded = self._sag_degraded(sample, timestep, branches[index["uncond" if cfg else "cond"]],
-                                              inputs["uncond" if cfg else "cond"])
-                branches.append(degraded)
+                base = "uncond" if cfg else "cond"
+                branches.append(self._sag_degraded(sample, timestep, branches[index[base]], inputs[base],
+                                                   model_kwargs))
         finally:
-            self.state.plan = None
-            self.state.extras.pop("sag_mass", None)
-        c = index["cond"]
-        if combine != "cfg":
-            return self._projected(combine, branches[c], branches[index["uncond"]], guidance_scale, guidance_rescale,
-                                   combine_kwargs)
-        spec = _terms.cfg(guidance_scale, uncond=index["uncond"], cond=c) if cfg else _terms.Guidance(c)
-        for kind, scale, helper in (("pag", pag_scale, _terms.pag), ("seg", seg_scale, _terms.seg)):
-            if kind in index:
-                spec = spec + helper(scale, cond=c, perturbed=index[kind])
-        if sag:
-            spec = spec + _terms.sag(sag_scale, uncond=index["uncond"] if cfg else c, degraded=len(branches) - 1)
-        if self.reference:
-            from ... import reference as ref
+            self.state.plan, self.state.sag_mass, self.state.sag_capture = None, None, False
+        return self._combine(branches, index, cfg, sag, combine, combine_kwargs, guidance_scale=guidance_scale,
+                             pag=pag_scale, seg=seg_scale, slg=slg_scale, sag_scale=sag_scale,
+                             rescale=guidance_rescale)
 
-            return ref.guidance_combine(branches, spec, rescale=guidance_rescale, rescale_ref=c)
-        return _combine.guidance_combine(branches, spec, rescale=guidance_rescale, rescale_ref=c)
+    def _branch_inputs(self, b, cfg, ehs, neg_ehs, added, neg_added, pooled, neg_pooled, mask, neg_mask) -> dict:
+        """Per branch kind ("cond", "uncond"): the model arguments that differ between them."""
+        family = self.family
+        given = {"encoder_hidden_states": (ehs, neg_ehs), "added_cond_kwargs": (added, neg_added),
+                 "pooled_projections": (pooled, neg_pooled), "encoder_attention_mask": (mask, neg_mask)}
+        cond, uncond = {}, {}
+        for name, (positive, negative) in given.items():
+            accepted = name == "encoder_hidden_states" or name in family.branch_inputs
+            if not accepted:
+                if positive is not None or negative is not None:
+                    raise ValueError(f"{FN}: {name}: {family.cls} takes no {name}")
+                continue
+            if positive is None:
+                if name == "encoder_hidden_states" or name in family.required:
+                    raise ValueError(f"{FN}: {name}: required by {family.cls}")
+                cond[name] = uncond[name] = None
+                continue
+            if isinstance(positive, dict):
+                for key, value in positive.items():
+                    _tensor_arg(f"{name}[{key!r}]", value, b)
+            else:
+                _tensor_arg(name, positive, b)
+            if cfg:
+                if negative is None:
+                    raise ValueError(f"{FN}: negative_{name}: required for CFG (guidance_scale > 1)")
+                if isinstance(positive, dict):
+                    if not isinstance(negative, dict) or set(negative) != set(positive):
+                        raise ValueError(f"{FN}: negative_{name}: needs the keys of {name} {sorted(positive)}")
+                    for key, value in negative.items():
+                        _tensor_arg(f"negative_{name}[{key!r}]", value, b, like=positive[key],
+                                    like_name=f"{name}[{key!r}]")
+                else:
+                    _tensor_arg(f"negative_{name}", negative, b, like=positive, like_name=name)
+            cond[name], uncond[name] = positive, negative
+        return {"cond": cond, "uncond": uncond}
 
-    def _projected(self, combine, cond, uncond, scale, rescale, kwargs):
-        if self.reference:
-            from ... import reference as ref
-
-            fn = ref.apg_combine if combine == "apg" else ref.cfg_zero_star_combine
-            return fn(cond, uncond, scale, rescale=rescale, **kwargs)
-        fn = _combine.apg_combine if combine == "apg" else _combine.cfg_zero_star_combine
-        return fn([uncond, cond], scale, rescale=rescale, **kwargs)
-
-    def _forward(self, sample, timestep, branch_inputs) -> torch.Tensor:
-        n = len(branch_inputs)
-        x = torch.cat([sample] * n) if n > 1 else sample
-        t = timestep
-        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == sample.shape[0] and n > 1:
-            t = torch.cat([t] * n)
-        ehs = torch.cat([bi[0] for bi in branch_inputs]) if n > 1 else branch_inputs[0][0]
+    def _set_grids(self, sample, model_kwargs, given, ehs, *, seg: bool) -> None:
+        """Latent / token grids of this call. A grid read from the latent's shape is always checked
+        (a patch size that does not divide the latent would crop it); LTX's and Flux's grids come
+        from their arguments and are read only when SEG needs them."""
+        state = self.state
         if self.unet:
-            added = None
-            if branch_inputs[0][1] is not None:
-                added = {key: torch.cat([bi[1][key] for bi in branch_inputs]) for key in branch_inputs[0][1]}
-            return self.model(x, t, encoder_hidden_states=ehs, added_cond_kwargs=added, return_dict=False)[0]
-        pooled = torch.cat([bi[2] for bi in branch_inputs]) if n > 1 else branch_inputs[0][2]
-        return self.model(hidden_states=x, encoder_hidden_states=ehs, pooled_projections=pooled, timestep=t,
-                          return_dict=False)[0]
+            state.latent_hw = tuple(sample.shape[-2:])
+            return
+        state.text_tokens = ehs.shape[1]
+        from_shape = self.family.name in ("sd3", "wan", "hunyuan_video")
+        if not (seg or from_shape):
+            state.token_grid = None
+            return
+        ids = model_kwargs.get("img_ids")
+        if given is None and self.family.name == "flux" and isinstance(ids, torch.Tensor):
+            cached = self._grid_ids
+            if cached is not None and cached[0]() is ids and cached[1:] == (ids._version, sample.shape[1]):
+                state.token_grid = cached[3]  # img_ids read once, not every step (a host sync)
+                return
+        state.token_grid = token_grid(FN, self.family, self.model, sample, model_kwargs, given)
+        if given is None and self.family.name == "flux" and isinstance(ids, torch.Tensor):
+            self._grid_ids = (weakref.ref(ids), ids._version, sample.shape[1], state.token_grid)
+
+    def _forward_branches(self, plan: BranchPlan, sample, timestep, inputs, model_kwargs) -> list[torch.Tensor]:
+        if not self.per_branch:
+            self.state.plan = plan
+            return list(self._forward(plan.kinds, sample, timestep, inputs, model_kwargs).chunk(len(plan.kinds)))
+        out = []
+        for kind in plan.kinds:  # one call per branch, each with a one-branch plan (its own perturbation)
+            self.state.plan = self._plan([kind], sample.shape[0])
+            out.append(self._forward((kind,), sample, timestep, inputs, model_kwargs))
+        return out
+
+    def _forward(self, kinds, sample, timestep, inputs, model_kwargs) -> torch.Tensor:
+        """One model call on the branches ``kinds`` (their conditioning concatenated)."""
+        n, b = len(kinds), sample.shape[0]
+        per = [inputs["uncond" if k == "uncond" else "cond"] for k in kinds]
+        args = {self.family.sample_arg: _repeat(sample, n), "timestep": self._timesteps(timestep, b, n, sample)}
+        for name, value in per[0].items():
+            if value is None:
+                args[name] = None
+            elif isinstance(value, dict):
+                args[name] = {key: torch.cat([p[name][key] for p in per]) if n > 1 else value[key] for key in value}
+            else:
+                args[name] = torch.cat([p[name] for p in per]) if n > 1 else value
+        for name, value in model_kwargs.items():
+            per_sample = name in self.family.per_sample_kwargs and isinstance(value, torch.Tensor) and \
+                value.dim() > 0 and value.shape[0] == b
+            args[name] = _repeat(value, n) if per_sample else value
+        return self.model(**args, return_dict=False)[0]
+
+    def _timesteps(self, timestep, b: int, n: int, sample):
+        if self.unet:  # UNets broadcast a scalar timestep themselves
+            if isinstance(timestep, torch.Tensor) and timestep.dim() > 0 and timestep.shape[0] == b:
+                return _repeat(timestep, n)
+            return timestep
+        t = timestep if isinstance(timestep, torch.Tensor) else torch.tensor(float(timestep), device=sample.device)
+        if t.dim() == 0 or (t.shape[0] == 1 and b > 1):
+            t = t.reshape(1, *t.shape[1:]).expand(b, *t.shape[1:])
+        if t.shape[0] != b:
+            raise ValueError(f"{FN}: timestep: batch {t.shape[0]} differs from sample's {b}")
+        return _repeat(t, n)
+
+    # ------------------------------------------------------------------ combine
+
+    def _combine(self, branches, index, cfg, sag, combine, combine_kwargs, *, guidance_scale, pag, seg, slg, sag_scale,
+                 rescale):
+        c = index["cond"]
+        ops = self.ops
+        if combine != "cfg":
+            fn = ops.apg_combine if combine == "apg" else ops.cfg_zero_star_combine
+            return fn(branches[c], branches[index["uncond"]], guidance_scale, rescale, **combine_kwargs)
+        spec = gk.cfg(guidance_scale, uncond=index["uncond"], cond=c) if cfg else gk.Guidance(c)
+        for kind, scale in (("pag", pag), ("seg", seg), ("slg", slg)):
+            if kind in index:  # each is diffusers' "+ scale · (cond − perturbed)"
+                spec = spec + gk.pag(scale, cond=c, perturbed=index[kind])
+        if sag:
+            spec = spec + gk.sag(sag_scale, uncond=index["uncond"] if cfg else c, degraded=len(branches) - 1)
+        return ops.guidance_combine(branches, spec, rescale, c)
 
     # ------------------------------------------------------------------ SAG
 
@@ -228,17 +471,12 @@ class GuidedDenoiser:
         t = timestep if isinstance(timestep, torch.Tensor) else torch.tensor(timestep)
         return alphas[t.to(alphas.device).long()].to(torch.float32)
 
-    def _sag_degraded(self, sample, timestep, pred, branch_input) -> torch.Tensor:
+    def _sag_degraded(self, sample, timestep, pred, branch_input, model_kwargs) -> torch.Tensor:
         """diffusers' SAG step: x0/eps from ``pred``, blur where the captured key mass > 1, re-noise
         to the same level, and one more forward with ``branch_input``'s conditioning."""
-        if self.reference:
-            from ...reference import sag_degrade
-        else:
-            from ... import sag_degrade
-        mass = self.state.extras.get("sag_mass")
-        grid = self.state.extras.get("sag_grid")
-        if mass is None:
-            raise RuntimeError("GuidedDenoiser: SAG's key mass was not captured (is the mid block present?)")
+        state = self.state
+        if state.sag_mass is None:
+            raise RuntimeError(f"{FN}: SAG's key mass was not captured (is the mid block present?)")
         alpha_bar = self._alpha_bar(timestep, sample)
         a = alpha_bar.reshape(-1, *([1] * (sample.dim() - 1)))
         kind = self.scheduler.config.prediction_type
@@ -250,9 +488,10 @@ class GuidedDenoiser:
         elif kind == "sample":
             x0, eps = p32, (s32 - a**0.5 * p32) / (1 - a) ** 0.5
         else:
-            raise ValueError(f"GuidedDenoiser: unsupported prediction_type {kind!r}")
-        degraded = sag_degrade(x0.to(sample.dtype), mass, grid=grid, sigma=self.sag_blur_sigma,
-                               alpha_cumprod=alpha_bar.reshape(-1), eps=eps.to(sample.dtype))
-        self.state.extras["sag_capture"] = False
-        self.state.plan = self._plan(["cond"], sample.shape[0])  # one plain branch, no perturbation
-        return self._forward(degraded, timestep, [branch_input])
+            raise ValueError(f"{FN}: scheduler: unsupported prediction_type {kind!r}")
+        degraded = self.ops.sag_degrade(x0.to(sample.dtype), state.sag_mass, grid=state.sag_grid,
+                                        sigma=self.sag_blur_sigma, alpha_cumprod=alpha_bar.reshape(-1),
+                                        eps=eps.to(sample.dtype))
+        state.sag_capture = False
+        state.plan = self._plan(["cond"], sample.shape[0])  # one plain branch, no perturbation
+        return self._forward(("cond",), degraded, timestep, {"cond": branch_input}, model_kwargs)
