@@ -48,6 +48,7 @@ BODIES: dict[str, Callable] = {}  # op name -> body(*args, backend): the registe
 OPS: dict[str, object] = {}  # op name -> the torch.library custom op
 RECORDS: dict[str, type] = {}  # op name -> argument record
 STEMS: dict[str, str] = {}  # op name -> module stem of its backends
+TENSOR_FIELDS: dict[str, tuple[int, ...]] = {}  # op name -> positions of the fields that hold tensors
 
 
 @lru_cache(maxsize=None)
@@ -78,27 +79,25 @@ def define(name: str, record: type, fake: Callable, *, stem: str | None = None, 
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", body, mutates_args=mutates, schema=schema)
     op.register_fake(lambda *args: fake(record(*args[:-1])))
     BODIES[name], OPS[name], RECORDS[name], STEMS[name] = body, op, record, stem or name
-
-
-_ATOMS = (int, float, str, bool, type(None))
+    TENSOR_FIELDS[name] = tuple(i for i, field in enumerate(record._fields) if "Tensor" in str(hints[field]))
 
 
 def _plain(value) -> bool:
-    """A plain eager argument: no tensor subclass (fake, functional, …) and nothing requiring grad."""
-    kind = type(value)
-    if kind is Tensor:
+    """A plain eager tensor field: plain tensors (no subclass: fake, functional, …) not requiring
+    grad, or None, or a list of those."""
+    if type(value) is Tensor:
         return not value.requires_grad
-    if kind in _ATOMS:
+    if value is None:
         return True
-    if kind is list or kind is tuple:
+    if type(value) is list:
         return all(map(_plain, value))
-    return not isinstance(value, Tensor)
+    return False
 
 
 def call(name: str, args: tuple, backend: str):
     """Run op ``name`` on its record ``args``; in plain eager mode run its body directly (same code,
-    no dispatch cost)."""
-    if torch.compiler.is_compiling() or not all(map(_plain, args)):
+    no dispatch cost). Only the tensor fields decide (the others are Python values)."""
+    if torch.compiler.is_compiling() or not all(_plain(args[i]) for i in TENSOR_FIELDS[name]):
         return OPS[name](*args, backend)
     return BODIES[name](*args, backend)
 

@@ -249,8 +249,22 @@ def _choose(op: str, req: Request, forced: str | None) -> str:
     raise BackendError(f"{op}: no backend supports this call: " + explain(op, req))
 
 
+# Eager calls: the choice per (op, device, dtype, facts, backend argument, forcing frames, env).
+_EAGER: dict[tuple, str] = {}
+
+
 def select(op: str, tensor: torch.Tensor, facts: tuple = (), backend: str | None = None) -> str:
     """Choose the backend for ``op`` on inputs like ``tensor`` (device, dtype) plus op ``facts``."""
+    if not torch.compiler.is_compiling():
+        key = (op, tensor.device, tensor.dtype, facts, backend, _FORCED_STACK)
+        chosen = _EAGER.get(key)
+        if chosen is None:
+            chosen = _EAGER[key] = _select_traceable(op, tensor, facts, backend)
+        return chosen
+    return _select_traceable(op, tensor, facts, backend)
+
+
+def _select_traceable(op: str, tensor: torch.Tensor, facts: tuple, backend: str | None) -> str:
     device = tensor.device
     return _select(op, device.type, device.index, tensor.dtype, tuple(sorted(facts)), forced_backend(op, backend))
 
