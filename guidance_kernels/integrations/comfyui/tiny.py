@@ -89,17 +89,20 @@ def seeded_init_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     Matrices and kernels: N(0, 1/fan_in) (unit-variance activations, attention logits of order 1);
     vectors named ``*weight``/``*scale`` (norm gains): 1 + N(0, 0.1²); other vectors: N(0, 0.1²).
     ComfyUI's layers skip ``reset_parameters()``: without this their weights are uninitialised."""
-    generator = torch.Generator().manual_seed(seed)
     tensors = list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
+    generators: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, tensor in tensors:
+            # drawn where the tensor lives: initialising a real-size model on the CPU takes minutes
+            generator = generators.setdefault(tensor.device, torch.Generator(tensor.device).manual_seed(seed))
+            value = torch.randn(tensor.shape, generator=generator, device=tensor.device)
             if tensor.dim() >= 2:
-                value = torch.randn(tensor.shape, generator=generator) / math.sqrt(tensor[0].numel())
+                value /= math.sqrt(tensor[0].numel())
             elif name.endswith(("weight", "scale")):
-                value = 1 + 0.1 * torch.randn(tensor.shape, generator=generator)
+                value = 1 + 0.1 * value
             else:
-                value = 0.1 * torch.randn(tensor.shape, generator=generator)
-            tensor.copy_(value.to(tensor.dtype))
+                value *= 0.1
+            tensor.copy_(value)
     return module
 
 
@@ -115,14 +118,19 @@ def build(kind: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, devic
     cls, unet_config = classes[kind]
     model_config = cls({**unet_config, **(config or {})})
     model_config.set_inference_dtype(dtype, None)
-    model = seeded_init_(model_config.get_model({}), seed).to(device=device)
     device = torch.device(device)
+    model = model_config.get_model({}, device=device)
+    seeded_init_(model.diffusion_model, seed)  # not model_sampling: its buffers are the noise schedule
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
 
 
-def conditioning(kind: str, *, seed: int = 1, tokens: int = 7, batch: int = 1):
-    """Random ``(positive, negative)`` ComfyUI conditioning lists for a tiny ``kind`` model."""
-    _, width, pooled = CONDITIONING[kind]
+def conditioning(kind: str, *, seed: int = 1, tokens: int = 7, batch: int = 1, width: int | None = None,
+                 pooled: int | None = None):
+    """Random ``(positive, negative)`` ComfyUI conditioning lists for a tiny ``kind`` model;
+    ``width`` / ``pooled`` override the context and pooled widths (real-size configurations)."""
+    _, tiny_width, tiny_pooled = CONDITIONING[kind]
+    width = width or tiny_width
+    pooled = pooled or tiny_pooled
     generator = torch.Generator().manual_seed(seed)
 
     def one():
