@@ -50,6 +50,15 @@ class Calls:
         return executor(*args, **kwargs)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy machine they lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def models():
     built = {}
@@ -93,9 +102,14 @@ def run(node, *args):
 # --------------------------------------------------------------------------- references without a stock node
 
 
-def separate_call_guidance(model, patch, keys, scale, *, kind="attn1", low=-math.inf, high=math.inf):
+def add_term(args, perturbed, scale):
+    return args["denoised"] + (args["cond_denoised"] - perturbed) * scale
+
+
+def separate_call_guidance(model, patch, keys, scale, *, kind="attn1", low=-math.inf, high=math.inf, finish=add_term,
+                           disable_cfg1=False):
     """The stock nodes' structure: a post-CFG function that runs one more model call on ``[cond]`` with
-    ``patch`` at ``keys`` and adds ``scale·(cond − that)``; active for ``low < σ ≤ high``."""
+    ``patch`` at ``keys`` and adds ``scale·(cond − that)`` (or ``finish``); active for ``low < σ ≤ high``."""
     m = model.clone()
 
     def post_cfg(args):
@@ -106,10 +120,43 @@ def separate_call_guidance(model, patch, keys, scale, *, kind="attn1", low=-math
             options = comfy.model_patcher.set_model_options_patch_replace(dict(options), patch, kind, *key)
         (perturbed,) = comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], args["input"], args["sigma"],
                                                       options)
-        return args["denoised"] + (args["cond_denoised"] - perturbed) * scale
+        return finish(args, perturbed, scale)
 
-    m.set_model_sampler_post_cfg_function(post_cfg)
+    m.set_model_sampler_post_cfg_function(post_cfg, disable_cfg1)
     return m
+
+
+def community_rescale(mode, rescale):
+    """The community PAG/SEG node's ``rescale_guidance`` (per-sample std over (1, 2, 3))."""
+
+    def finish(args, perturbed, scale):
+        cond, denoised = args["cond_denoised"], args["denoised"]
+        term = (cond - perturbed) * scale
+        result = (denoised if mode == "full" else cond) + term
+        std = lambda t: torch.std(t, dim=(1, 2, 3), keepdim=True)  # noqa: E731
+        return denoised + term * (rescale * std(cond) / std(result) + (1.0 - rescale))
+
+    return finish
+
+
+def community_snf(args, perturbed, scale):
+    """The community node's "snf" mode: per element the larger 3x3-blurred softmax saliency wins."""
+    cond, uncond, denoised = args["cond_denoised"], args["uncond_denoised"], args["denoised"]
+    term = (cond - perturbed) * scale
+    if not uncond.any():
+        return denoised + term
+    cfg_term = denoised - uncond
+    b, c, h, w = cfg_term.shape
+    x = torch.linspace(-1, 1, 3)
+    weights = torch.exp(-0.5 * x ** 2)
+    kernel = torch.outer(weights / weights.sum(), weights / weights.sum()).expand(c, 1, 3, 3)
+
+    def saliency(t):
+        blurred = F.conv2d(F.pad(t.abs(), [1] * 4, mode="reflect"), kernel, groups=c)
+        return torch.softmax(blurred.reshape(b * c, h * w), dim=1).reshape(b, c, h, w)
+
+    pick = torch.stack([saliency(cfg_term), saliency(term)]).argmax(dim=0)
+    return uncond + torch.where(pick == 1, term, cfg_term)
 
 
 def identity_attention(q, k, v, extra_options, mask=None):
@@ -182,6 +229,26 @@ def test_seg_one_call_matches_community_method(models, sigma):
                                  "full"), calls, "sd15")
     assert (ref_calls, our_calls) == (2, 1)
     assert_same(ours, reference, effect_over=base)
+
+
+@pytest.mark.parametrize("mode,rescale", [("full", 0.7), ("partial", 0.4), ("snf", 0.0)])
+def test_seg_rescale_modes(models, mode, rescale):
+    model, calls = models("sd15")
+    finish = community_snf if mode == "snf" else community_rescale(mode, rescale)
+    reference, _ = sample(separate_call_guidance(model, seg_attention(4.0), [("middle", 0)], 3.0, finish=finish,
+                                                 disable_cfg1=mode == "snf"), calls, "sd15")
+    ours, our_calls = sample(run(nodes.SmoothedEnergyGuidance, model, 3.0, 4.0, "middle", 0, -1.0, -1.0, rescale, mode),
+                             calls, "sd15")
+    assert our_calls == 1
+    assert_same(ours, reference)
+
+
+def test_pag_with_cfg_1_runs_one_batch_of_cond_and_perturbed(models):
+    model, calls = models("sd15")
+    stock, stock_calls = sample(run(nodes_pag.PerturbedAttentionGuidance, model, 3.0), calls, "sd15", cfg=1.0)
+    ours, our_calls = sample(run(nodes.PerturbedAttentionGuidance, model, 3.0), calls, "sd15", cfg=1.0)
+    assert (stock_calls, our_calls) == (2, 1)  # ComfyUI skips uncond at CFG 1: [cond, PAG] is the one call
+    assert_same(ours, stock)
 
 
 def test_seg_sigma_window_and_block_list(models):
@@ -334,8 +401,12 @@ def test_sampler_under_torch_compile(models):
     compiled = ours.clone()
     set_torch_compile_wrapper(compiled, backend="aot_eager", dynamic=False)
     torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     out, compiled_calls = sample(compiled, calls, "sd15", steps=2)
     assert compiled_calls == 2
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2  # the batched call and SAG's call, compiled once for both steps
     assert_same(out, eager)
 
 

@@ -12,10 +12,12 @@ temporary directory.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import sys
 import tempfile
+import warnings
 
 import torch
 
@@ -55,7 +57,15 @@ CONDITIONING = {"sd15": (4, 64, None), "sdxl": (4, 64, 1280), "sd3": (16, 64, 64
 
 @contextlib.contextmanager
 def _clean_import_context():
-    argv, cwd = sys.argv, os.getcwd()
+    """An empty argument list and a clean working directory; the process-wide settings ComfyUI's
+    import changes (fp32 matmul precision "high" — TF32 on CUDA —, environment variables, the root
+    logger, warning filters) are put back afterwards."""
+    argv, cwd, environ = sys.argv, os.getcwd(), dict(os.environ)
+    precision = torch.get_float32_matmul_precision()
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    filters = list(warnings.filters)
     with tempfile.TemporaryDirectory(prefix="gk-comfy-") as clean:
         sys.argv = argv[:1]
         os.chdir(clean)
@@ -64,10 +74,18 @@ def _clean_import_context():
         finally:
             os.chdir(cwd)
             sys.argv = argv
+            os.environ.clear()
+            os.environ.update(environ)
+            torch.set_float32_matmul_precision(precision)
+            torch.backends.cudnn.allow_tf32 = cudnn_tf32
+            root.setLevel(level)
+            root.handlers[:] = handlers
+            warnings.filters[:] = filters
 
 
 def import_comfy(device: str | torch.device = "cpu"):
-    """Import ComfyUI's sampling stack as a library and return the ``comfy`` package.
+    """Import ComfyUI's sampling stack as a library and return the ``comfy`` package; the caller's
+    process-wide settings are left as they were (see :func:`_clean_import_context`).
 
     On a CPU device ``COMFYUI_CPU=1`` is set first (unless already set) so that ComfyUI selects the
     CPU cleanly. Raises ImportError if ComfyUI (or what it imports, e.g. torchvision) is missing."""
