@@ -27,8 +27,16 @@ import comfy.patcher_extension  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
 from comfy.ldm.modules.attention import optimized_attention  # noqa: E402
-from comfy_extras.nodes import (nodes_apg, nodes_cfg, nodes_mahiro, nodes_model_advanced, nodes_pag,  # noqa: E402
-                                nodes_sag, nodes_slg, nodes_tcfg)
+from comfy_extras.nodes import (  # noqa: E402
+    nodes_apg,
+    nodes_cfg,
+    nodes_mahiro,
+    nodes_model_advanced,
+    nodes_pag,
+    nodes_sag,
+    nodes_slg,
+    nodes_tcfg,
+)
 
 import guidance_kernels as gk  # noqa: E402
 from guidance_kernels.integrations.comfyui import batch, nodes  # noqa: E402
@@ -308,11 +316,42 @@ def test_pag_and_sag(models):
     ours, our_calls = sample(ours_model, calls, "sd15")
     assert (ref_calls, our_calls) == (3, 2)
     assert_same(ours, reference)
+    # the stock pair's PAG does nothing here (one middle transformer, shadowed): it equals SAG alone
+    stock_pair, _ = sample(run(nodes_pag.PerturbedAttentionGuidance, stock_sag, 3.0), calls, "sd15")
+    stock_sag_alone, _ = sample(stock_sag, calls, "sd15")
+    assert rel_err(stock_pair, stock_sag_alone) <= TOLERANCE
     # Ours stacked on the stock SAG node: our branch rides in the main call, the stock SAG patch serves
     # the other chunks (and records the uncond attention) as the previous patch.
     mixed, mixed_calls = sample(run(nodes.PerturbedAttentionGuidance, stock_sag, 3.0), calls, "sd15")
     assert mixed_calls == 2
     assert_same(mixed, reference)
+
+
+def foreign_attention(rows: list):
+    """Another node's attn1 replace patch (plain attention), counting the batch rows it serves."""
+
+    def attention(q, k, v, extra_options):
+        rows.append(q.shape[0])
+        return optimized_attention(q, k, v, extra_options["n_heads"])
+
+    return attention
+
+
+@pytest.mark.parametrize("name", ["pag", "sag", "pag+sag"])
+def test_a_foreign_patch_keeps_serving_the_chunks_we_do_not_perturb(models, name):
+    model, calls = models("sd15")
+    apply = {"pag": lambda m: run(nodes.PerturbedAttentionGuidance, m, 3.0),
+             "sag": lambda m: run(nodes.SelfAttentionGuidance, m, 0.5, 2.0),
+             "pag+sag": lambda m: run(nodes.PerturbedAttentionGuidance, run(nodes.SelfAttentionGuidance, m, 0.5, 2.0),
+                                      3.0)}[name]
+    alone, _ = sample(apply(model), calls, "sd15")
+    rows = []
+    patched = model.clone()
+    patched.set_model_attn1_replace(foreign_attention(rows), "middle", 0)
+    ours, _ = sample(apply(patched), calls, "sd15")
+    # per step: cond and uncond in the batched call, uncond again in SAG's degraded call
+    assert sum(rows) == STEPS * (2 + ("sag" in name))
+    assert_same(ours, alone)
 
 
 def test_pag_and_apg(models):
@@ -408,6 +447,24 @@ def test_sampler_under_torch_compile(models):
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert counters["stats"]["unique_graphs"] == 2  # the batched call and SAG's call, compiled once for both steps
     assert_same(out, eager)
+
+
+def test_triton_kernels_in_the_sampler(models):
+    """Every Triton kernel the nodes use (guided_attention with identity and blur items in one call,
+    attention_key_mass, sag_degrade, guidance_combine) on ComfyUI's own layouts, here under the
+    interpreter, against the PyTorch backends."""
+    from conftest import HAS_TRITON, INTERPRETER
+
+    if not (HAS_TRITON and INTERPRETER):
+        pytest.skip("the tiny models run on the CPU: Triton kernels need TRITON_INTERPRET=1 there")
+    model, calls = models("sd15")
+    ours = run(nodes.SelfAttentionGuidance, run(nodes.SmoothedEnergyGuidance, run(nodes.PerturbedAttentionGuidance,
+               model, 3.0), 3.0, 2.0, "middle", 0, -1.0, -1.0, 0.0, "full"), 0.5, 2.0)
+    reference, _ = sample(ours, calls, "sd15", steps=1)
+    with gk.use_backend("triton"):
+        out, our_calls = sample(ours, calls, "sd15", steps=1)
+    assert our_calls == 2
+    assert_same(out, reference)
 
 
 # --------------------------------------------------------------------------- the combines, one call each

@@ -75,7 +75,7 @@ class AttentionPatch(Shared):
         self.rules = rules
         self.previous = previous  # a foreign patch found at this key: it serves the unperturbed chunks
 
-    def with_rule(self, rule: Rule) -> "AttentionPatch":
+    def with_rule(self, rule: Rule) -> AttentionPatch:
         return AttentionPatch(self.rules + (rule,), self.previous)
 
     def _plain(self, q, k, v, extra_options):
@@ -107,11 +107,13 @@ class AttentionPatch(Shared):
         if recorder is not None:
             start = chunks.index(routing.uncond) * width  # the first uncond chunk, as the stock SAG node
             uncond_rows = (start, start + width)
-        if not any(actions):  # SAG alone at this layer: the output and the mass in one call
+        if not any(actions) and self.previous is None:  # SAG alone here: the output and the mass in one call
             out, mass = gk.attention_key_mass(q, k, v, layout="bnd", heads=heads, items=range(*uncond_rows))
             recorder.keep(routing.x, mass)
             return out
-        if self.previous is None:
+        if not any(actions):
+            out = self.previous(q, k, v, extra_options)
+        elif self.previous is None:
             out = self._guided(q, k, v, actions, width, extra_options)
         else:
             out = self._split(q, k, v, chunks, actions, width, extra_options)
@@ -176,7 +178,7 @@ class BlockSkipPatch(Shared):
         self.participants = participants
         self.previous = previous
 
-    def with_participant(self, participant: Participant) -> "BlockSkipPatch":
+    def with_participant(self, participant: Participant) -> BlockSkipPatch:
         return BlockSkipPatch(self.participants + (participant,), self.previous)
 
     def _run(self, args, extra):

@@ -92,12 +92,12 @@ def import_comfy(device: str | torch.device = "cpu"):
     if torch.device(device).type == "cpu":
         os.environ.setdefault("COMFYUI_CPU", "1")
     with _clean_import_context():
+        import comfy
         import comfy.model_management  # noqa: F401  (parses the command line and config once)
         import comfy.model_patcher  # noqa: F401
         import comfy.sample  # noqa: F401
         import comfy.samplers  # noqa: F401
         import comfy.supported_models  # noqa: F401
-        import comfy
     return comfy
 
 
