@@ -31,6 +31,15 @@ print("\n".join(re.findall(r'"([^"]+)"', block)))
 PY
 )
   "$COMPAT/bin/python" -m pip install -q torch==2.11.0 triton==3.6.0 "numpy<2.3" setuptools wheel "${extras[@]}"
+  # ComfyUI for tests/test_comfyui.py (GPL: the tests import it, nothing copies it), from its wheel and
+  # requirements in ../shared/comfyui; it imports torchvision, which this torch has a build of.
+  COMFYUI_DIR="${GK_COMFYUI_DIR:-$GK_ROOT/../shared/comfyui}"
+  if ls "$COMFYUI_DIR"/comfyui-*.whl >/dev/null 2>&1; then
+    "$COMPAT/bin/python" -m pip install -q torch==2.11.0 torchvision==0.26.0 -r "$COMFYUI_DIR/requirements.txt"
+    "$COMPAT/bin/python" -m pip install -q --no-deps "$COMFYUI_DIR"/comfyui-*.whl
+  else
+    echo "[test] no ComfyUI wheel in $COMFYUI_DIR: tests/test_comfyui.py will skip"
+  fi
   # The launcher lane compiles csrc/ against a CUDA torch's headers: that torch's.
   : "${GK_TORCH_CUDA_INCLUDE:=$("$COMPAT/bin/python" -c \
       'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "include"))')}"
