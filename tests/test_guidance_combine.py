@@ -64,6 +64,7 @@ def test_reference_matches_independent_float64():
 
 
 def test_reference_matches_diffusers():
+    pytest.importorskip("diffusers")
     from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
     from diffusers.guiders.classifier_free_zero_star_guidance import ClassifierFreeZeroStarGuidance
     from diffusers.guiders.guider_utils import rescale_noise_cfg
