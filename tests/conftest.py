@@ -3,7 +3,8 @@
 * reference / torch lane: always (CPU, and CUDA when present).
 * interpreter lane: without a GPU, TRITON_INTERPRET=1 is set here — before anything imports
   triton — so the Triton launchers run on CPU tensors (forced backend "triton").
-* GPU lane: every backend on CUDA tensors when a CUDA device is present (nothing to enable).
+* GPU lane: every backend on CUDA tensors when a CUDA device is present (nothing to enable); there
+  every test doing CUDA work is marked ``gpu``, so ``-m gpu`` selects the lane alone.
 * AOT and nvcc lanes: subprocesses that compile every Triton kernel and CUDA source for
   sm_80/sm_90 without a GPU (tests/test_compile_lanes.py).
 
@@ -60,8 +61,27 @@ def pytest_report_header(config):
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')} cuda={HAS_CUDA}"]
 
 
+def _code_names_cuda(code) -> bool:
+    """The test body (or a function or lambda defined in it) has the constant "cuda"."""
+    return any(c == "cuda" or (hasattr(c, "co_consts") and _code_names_cuda(c)) for c in code.co_consts)
+
+
+def does_cuda_work(item) -> bool:
+    """On a GPU machine: the test runs a CUDA lane (a lane parameter on device "cuda") or names the
+    device in its body (loops over LANES, builds CUDA tensors)."""
+    for value in getattr(getattr(item, "callspec", None), "params", {}).values():
+        if isinstance(value, tuple) and len(value) >= 2 and value[1] == "cuda":
+            return True
+    function = getattr(item, "function", None)
+    return function is not None and _code_names_cuda(function.__code__)
+
+
 def pytest_collection_modifyitems(config, items):
+    # ``-m gpu`` is the GPU lane: explicitly marked tests (skipped without a GPU) and, where a GPU is
+    # present, every test that does CUDA work (the GPU run selects exactly these).
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
+        if HAS_CUDA and does_cuda_work(item):
+            item.add_marker(pytest.mark.gpu)
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)

@@ -1,9 +1,12 @@
 """``python -m guidance_kernels bench``: every op at real diffusion shapes, side by side.
 
-Each op family contributes a module ``cases_<family>.py`` with ``OPS`` (the op stems it times) and
-``cases(device, quick) -> list[Case]`` (see :mod:`.harness`); :data:`FAMILIES` lists them in the
-order they are run. Families are filtered before their cases are built (building a case allocates
-its inputs and models).
+Each op contributes a module ``cases_<op>.py`` (the combine family's three ops share
+``cases_guidance_combine.py``; ``cases_diffusers.py`` times whole denoising steps) with ``OPS`` (the
+op stems it times), optionally ``REQUIRES`` (modules it needs beyond the package's own dependencies:
+a family whose requirement is missing is skipped and the table says why) and
+``cases(setup) -> list[Case]`` (see :mod:`.harness`). :data:`FAMILIES` lists them in the order
+they are run. Families are filtered before their cases are built (building a case allocates its
+inputs and models).
 """
 
 from __future__ import annotations
@@ -11,48 +14,107 @@ from __future__ import annotations
 import importlib
 import sys
 import time
+import traceback
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
-from . import harness
+from . import harness, report
 
-FAMILIES = ["guidance_combine", "sag", "guided_attention", "diffusers", "dit", "comfyui"]
+FAMILIES = ["guidance_combine", "gaussian_blur_2d", "guided_attention", "attention_key_mass", "sag_degrade",
+            "diffusers", "dit", "comfyui"]
 
 
-def collect(device: torch.device, quick: bool, ops: list[str] | None = None) -> list[harness.Case]:
-    cases = []
+def family_module(family: str) -> ModuleType:
+    return importlib.import_module(f"guidance_kernels.bench.cases_{family}")
+
+
+def known_names() -> list[str]:
+    """Every name ``--ops`` accepts: the families and the op stems they time."""
+    names = list(FAMILIES)
     for family in FAMILIES:
-        module = importlib.import_module(f"guidance_kernels.bench.cases_{family}")
+        names += [op for op in family_module(family).OPS if op not in names]
+    return names
+
+
+def missing_requirement(module: ModuleType) -> str | None:
+    """Why a family cannot run here (a module in its ``REQUIRES`` does not import), or None."""
+    for name in getattr(module, "REQUIRES", ()):
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            return f"needs {name}, which is not importable here ({exc})"
+    return None
+
+
+def make_setup(device: str | None = None, quick: bool | None = None, shapes: str | None = None,
+               compile: str | None = None) -> harness.Setup:
+    """Defaults: real shapes and ``--full`` on a GPU, small shapes and quick on a CPU; ``torch.compile``
+    everywhere with ``--full``, only where a goal uses it when quick, never for tiny shapes."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    quick = dev.type == "cpu" if quick is None else quick
+    shapes = shapes or ("real" if dev.type == "cuda" else "small")
+    compile = compile or ("none" if shapes == "tiny" else "goals" if quick else "all")
+    return harness.Setup(dev, shapes=shapes, compile=compile, quick=quick)
+
+
+def collect(setup: harness.Setup, ops: list[str] | None, run: report.Run, log=print) -> None:
+    """Build the selected families' cases into ``run`` (a missing requirement skips a family; an
+    error while building one is recorded in ``run.failed`` and the others still run)."""
+    for family in FAMILIES:
+        module = family_module(family)
         if ops is not None and family not in ops and not set(module.OPS) & set(ops):
             continue
-        for case in module.cases(device, quick):
+        why = missing_requirement(module)
+        if why is not None:
+            run.skipped[family] = why
+            log(f"  {family}: skipped: {why}")
+            continue
+        try:
+            cases = module.cases(setup)
+        except Exception as exc:  # reported, not fatal: the other families still run
+            run.failed[family] = f"{type(exc).__name__}: {exc}"
+            log(f"  {family}: building its cases failed:\n{traceback.format_exc()}")
+            continue
+        for case in cases:
             if ops is None or case.op in ops or family in ops:
-                cases.append(case)
-    return cases
+                case.family = family
+                run.cases.append(case)
 
 
 def run(device: str | None = None, quick: bool | None = None, ops: list[str] | None = None,
-        out_dir: str | Path = "bench-out", log=print) -> dict:
-    """Run the benchmark; returns the paths written. ``quick`` defaults to True on CPU."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if quick is None:
-        quick = dev.type == "cpu"
+        out_dir: str | Path = "bench-out", *, shapes: str | None = None, compile: str | None = None,
+        stem: str | None = None, log=print) -> report.Run:
+    """Run the benchmark and write its JSON, table and PNG into ``out_dir``."""
+    if ops is not None:
+        unknown = sorted(set(ops) - set(known_names()))
+        if unknown:
+            raise ValueError(f"bench: ops: unknown {', '.join(map(repr, unknown))} (choose from {', '.join(known_names())})")
+    setup = make_setup(device, quick, shapes, compile)
     torch.manual_seed(0)
     started = time.perf_counter()
-    env = harness.environment(dev)
-    log(f"guidance_kernels bench on {env['device_name']} ({dev.type}); torch {env['torch']}, "
-        f"triton {env['triton']}, CUDA extension: {env['cuda_extension']}")
-    ceilings = harness.measure_ceilings(dev, quick)
-    log("ceilings: " + ", ".join(f"{k} = {v:.1f}" for k, v in ceilings.items()))
-    cases = collect(dev, quick, ops)
-    results = []
-    for case in cases:
+    env = report.environment(setup)
+    log(f"guidance_kernels bench on {env['device_name']} ({setup.device.type}, {setup.shapes} shapes, "
+        f"torch.compile: {setup.compile}); torch {env['torch']}, triton {env['triton']}, "
+        f"CUDA extension: {env['cuda_extension']}")
+    result = report.Run(env=env, ceilings=harness.measure_ceilings(setup))
+    log("ceilings: " + ", ".join(f"{k} = {v:.1f}" for k, v in result.ceilings.items()))
+    collect(setup, ops, result, log)
+    for case in result.cases:
         log(f"  {case.op:<22} {case.name} {case.shape} {case.dtype}")
         sys.stdout.flush()
-        results += harness.run_case(case, dev, ceilings, quick)
-    table = harness.format_table(results, cases)
+        rows = harness.run_case(case, setup, result.ceilings)
+        result.results += rows
+        by_name = {r.provider: r for r in rows}
+        result.verdicts += harness.evaluate(case, by_name, result.ceilings, setup)
+        if case.report is not None:
+            result.notes[(case.op, case.name)] = case.report(by_name)
+    table = report.format_table(result)
     log(table)
-    paths = harness.write_outputs(Path(out_dir), env, ceilings, results, cases, table)
-    log(f"\nwrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - started:.0f} s")
-    return paths
+    paths = report.write(Path(out_dir), result, table, stem)
+    log("")
+    for line in report.summary_lines(result):
+        log(line)
+    log(f"wrote {', '.join(str(p) for p in paths.values())} in {time.perf_counter() - started:.0f} s")
+    return result

@@ -1,4 +1,4 @@
-"""Benchmark cases of guided_attention and gaussian_blur_2d.
+"""Benchmark cases of guided_attention.
 
 GPU (bf16): the issue's shapes — SDXL (10 heads at N = 4096, 20 heads at N = 1024, d = 64) and
 Flux-like (24 heads, 4096 image + 512 text tokens, d = 128) — each case side by side with:
@@ -7,16 +7,14 @@ Flux-like (24 heads, 4096 image + 512 text tokens, d = 128) — each case side b
   ``torch.nn.attention.sdpa_kernel``; a backend that cannot run the shape shows its error) — the
   goals compare against the fastest of them;
 * the eager reference (SEG-SDXL's blur + SDPA, diffusers' PAG processors: dense S×S mask for joint
-  attention) and ``torch.compile`` of it;
-* our backends: ``triton`` — blur / mean pre-passes and ONE flash-attention launch for the
-  whole mixed batch —, ``triton_sdpa`` — the same pre-passes feeding torch's SDPA, the
-  kernel only for identity / σ = ∞ items — and ``torch``. The faster triton backend should come
-  first in guided_attention's backend priority.
+  attention) and, with ``--full``, ``torch.compile`` of it;
+* our backends: ``triton (fused)`` — blur / mean pre-passes and ONE flash-attention launch for the
+  whole mixed batch —, ``triton (blur + SDPA)`` — the same pre-passes feeding torch's SDPA, the
+  kernel only for identity / σ = ∞ items — and ``torch``. The faster triton variant should be the
+  default strategy; goals count the triton variants only (the torch backend is SDPA itself).
 
-CPU (fp32, small shapes): the algorithmic wins of the torch backend — separable blur against the
-reference's k×k convolution, σ = ∞ as one attention row per (item, head), identity and joint PAG
-without the quadratic work. ``torch.compile(reference)`` is left out there (it would spend the
-run compiling).
+CPU (fp32, small shapes): the algorithmic wins of the torch backend — σ = ∞ as one attention row
+per (item, head), identity and joint PAG without the quadratic work. Tiny: odd token counts.
 """
 
 from __future__ import annotations
@@ -26,14 +24,25 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import backends, reference
-from .. import gaussian_blur_2d, guided_attention
-from .._spec import blur_kernel_size
-from .harness import Case, Provider
+import guidance_kernels as gk
+from guidance_kernels import reference
 
-OPS = ["guided_attention", "gaussian_blur_2d"]
+from ..attention import blur_kernel_size
+from .harness import EAGER, Case, Goal, Provider, Result, Setup, dtype_name, faster_than, reference_providers
+from .harness import usable_backends, within
+
+OPS = ["guided_attention"]
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")
 CPU_SDPA_BACKENDS = ("flash", "math")  # the others are CUDA-only
+COPY_OF_V = "copy of V (v.clone())"
+
+# (batch, heads, grid, head dim) of the SDXL-like self-attention cases; (heads, grid, text tokens,
+# head dim) of the joint (Flux-like) case
+SHAPES = {
+    "real": ([(2, 10, (64, 64), 64), (4, 20, (32, 32), 64)], (24, (64, 64), 512, 128)),
+    "small": ([(2, 10, (32, 32), 64)], (4, (32, 32), 77, 64)),
+    "tiny": ([(2, 2, (5, 7), 40)], (2, (5, 7), 3, 32)),
+}
 
 
 def _sdpa_providers(q, k, v) -> list[Provider]:
@@ -50,191 +59,129 @@ def _sdpa_providers(q, k, v) -> list[Provider]:
     return [Provider(f"sdpa[{kind}]", (lambda kind=kind: run(kind))) for kind in available]
 
 
-def _usable(op: str, x: torch.Tensor, facts: tuple = ()) -> list[str]:
-    return [b for b in backends.op_backends(op) if not backends.unsupported_reasons(
-        op, b, backends.Request(x.device.type, x.device.index, x.dtype, facts))]
+def _ours(q, k, v, kw) -> list[Provider]:
+    """Our backends; the triton one once per strategy (its fused kernel, or pre-passes + SDPA)."""
+    providers = []
+    for backend in usable_backends("guided_attention", q, (("head_dim", q.shape[-1]),)):
+        if backend != "triton":
+            providers.append(Provider(backend, (lambda b=backend: gk.guided_attention(q, k, v, backend=b, **kw)),
+                                      ours=True))
+            continue
+        from ..triton.guided_attention import use_strategy
 
+        def strategy(name):
+            with use_strategy(name):
+                return gk.guided_attention(q, k, v, backend="triton", **kw)
 
-def _ours_attention(q, k, v, kw) -> list[Provider]:
-    facts = (("head_dim", q.shape[-1]), ("kernel_items", True))
-    return [Provider(backend, (lambda b=backend: guided_attention(q, k, v, backend=b, **kw)), ours=True)
-            for backend in _usable("guided_attention", q, facts)]
-
-
-def _reference(ref, gpu: bool) -> list[Provider]:
-    providers = [Provider("eager reference", ref)]
-    if gpu:
-        providers.append(Provider("torch.compile(reference)", torch.compile(ref, fullgraph=True, dynamic=False)))
+        providers.append(Provider("triton (fused)", (lambda: strategy("fused")), ours=True))
+        providers.append(Provider("triton (blur + SDPA)", (lambda: strategy("sdpa")), ours=True))
     return providers
 
 
-def _best(rows: dict, names) -> float | None:
-    times = [rows[n].ms for n in names if n in rows and rows[n].ms]
-    return min(times) if times else None
+def _triton(row: Result) -> bool:
+    """What automatic selection runs on a GPU: the faster triton variant once it is the default."""
+    return row.ours and row.provider.startswith("triton")
 
 
-def _ours_best(rows: dict) -> float | None:
-    """The faster triton backend: what automatic selection runs on a GPU once the priority puts
-    it first (the torch backend, itself SDPA for plain items, does not count)."""
-    times = [r.ms for r in rows.values() if r.ours and r.ms and r.provider.startswith("triton")]
-    return min(times) if times else None
-
-
-def _goal(text: str, gpu: bool, test):
-    """(goal text, check): ``test(best triton ms, rows)`` on a GPU run, None elsewhere."""
-    def check(rows) -> bool | None:
-        ours = _ours_best(rows)
-        if not gpu:
-            return None
-        return bool(ours and test(ours, rows))
-    return text + " (H100, bf16)", check
+def _goal(text: str, limit) -> list[Goal]:
+    return [Goal(text + " (GPU, bf16)", limit, counts=_triton)]
 
 
 def _vs_sdpa(factor: float):
-    def test(ours, rows):
-        best = _best(rows, [f"sdpa[{k}]" for k in SDPA_BACKENDS])
-        return best is not None and ours <= factor * best
-    return test
+    return within(tuple(f"sdpa[{k}]" for k in SDPA_BACKENDS), factor)
 
 
-def _vs_eager(speedup: float):
-    def test(ours, rows):
-        eager = rows.get("eager reference")
-        return eager is not None and bool(eager.ms) and eager.ms / ours >= speedup
-    return test
-
-
-def _vs(provider: str, factor: float):
-    def test(ours, rows):
-        base = rows.get(provider)
-        return base is not None and bool(base.ms) and ours <= factor * base.ms
-    return test
-
-
-def _qkv(batch, heads, n, d, dtype, device):
+def _qkv(setup: Setup, batch, heads, n, d):
     # (B, N, heads·d) projections viewed as (B, heads, N, d), as diffusers' processors hold them
-    return [torch.randn(batch, n, heads * d, device=device, dtype=dtype).view(batch, n, heads, d).transpose(1, 2)
-            for _ in range(3)]
+    return [torch.randn(batch, n, heads * d, device=setup.device, dtype=setup.dtype).view(batch, n, heads, d)
+            .transpose(1, 2) for _ in range(3)]
 
 
-def _attention_flops(items: int, heads: int, nq: int, nk: int, d: int) -> int:
-    return 4 * items * heads * nq * nk * d
+def _flops(items: int, heads: int, n: int, d: int) -> int:
+    return 4 * items * heads * n * n * d
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
-    gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    dname = str(dtype).replace("torch.", "")
-    elem = torch.finfo(dtype).bits // 8
-    out: list[Case] = []
+def _case(name: str, shape: str, q, providers, **kw) -> Case:
+    return Case(op="guided_attention", name=name, shape=shape, dtype=dtype_name(q.dtype), providers=providers, **kw)
 
-    def add(op, name, shape, providers, *, goal=None, flops=None, nbytes=None):
-        text, check = goal if goal is not None else ("", None)
-        out.append(Case(op=op, name=name, shape=shape, dtype=dname, providers=providers, flops=flops, bytes=nbytes,
-                        goal=text, goal_check=check))
 
-    # ----------------------------------------------------------------- gaussian_blur_2d
-    if gpu:
-        blurs = [("SAG latent k=9", (1, 4, 128, 128), "nchw", (128, 128), 1.0),
-                 ("SEG queries σ=2", (1, 10, 4096, 64), "bhnd", (64, 64), 2.0),
-                 ("SEG queries σ=10", (1, 10, 4096, 64), "bhnd", (64, 64), 10.0),
-                 ("SEG queries σ=∞", (1, 10, 4096, 64), "bhnd", (64, 64), math.inf)]
-    else:
-        blurs = [("SAG latent k=9", (1, 4, 64, 64), "nchw", (64, 64), 1.0),
-                 ("SEG tokens σ=2", (1, 1024, 640), "bnc", (32, 32), 2.0),
-                 ("SEG tokens σ=10", (1, 1024, 640), "bnc", (32, 32), 10.0),
-                 ("SEG queries σ=10", (1, 10, 1024, 64), "bhnd", (32, 32), 10.0),
-                 ("SEG tokens σ=∞", (1, 1024, 640), "bnc", (32, 32), math.inf)]
-    for name, shape, layout, grid, sigma in blurs:
-        x = torch.randn(shape, device=device, dtype=dtype)
-        size = 9 if name.startswith("SAG") else (None if sigma > reference.SEG_INF_SIGMA
-                                                 else blur_kernel_size(sigma, grid))
+def _normal_items(setup: Setup, batch, heads, grid, d) -> Case:
+    """[uncond, cond] of CFG, no perturbation: against every SDPA backend."""
+    n = grid[0] * grid[1]
+    q, k, v = _qkv(setup, batch, heads, n, d)
+    providers = reference_providers(setup, lambda: reference.guided_attention(q, k, v, ["none"] * batch))
+    providers += _sdpa_providers(q, k, v) + _ours(q, k, v, {})
+    return _case("normal items", f"B={batch} h={heads} N={n} d={d}", q, providers, flops=_flops(batch, heads, n, d),
+                 goals=_goal(">= 0.9x the fastest SDPA backend's throughput", _vs_sdpa(1 / 0.9)))
 
-        def ref(x=x, sigma=sigma, grid=grid, layout=layout, size=size):
-            return reference.blur_tokens(x, sigma, grid, layout, size, cap_to_grid=size is None)
 
-        providers = _reference(ref, gpu)
-        for backend in _usable("gaussian_blur_2d", x):
-            providers.append(Provider(backend, (lambda b=backend, x=x, sigma=sigma, grid=grid, layout=layout, size=size:
-                                                gaussian_blur_2d(x, sigma, kernel_size=size, grid=grid, layout=layout,
-                                                                 backend=b)), ours=True))
-        k = "∞" if size is None else size
-        add("gaussian_blur_2d", name, f"{tuple(shape)} {layout} k={k}", providers, nbytes=2 * x.numel() * elem)
-
-    # ----------------------------------------------------------------- guided_attention
-    if gpu:
-        sdxl = [(2, 10, (64, 64), 64), (4, 20, (32, 32), 64)]
-        flux = (24, (64, 64), 512, 128)
-    else:
-        sdxl = [(2, 10, (32, 32), 64)]
-        flux = (4, (32, 32), 77, 64)
-
-    for batch, heads, grid, d in sdxl:
-        n = grid[0] * grid[1]
-        shape = f"B={batch}+1 h={heads} N={n} d={d}"
-        # normal items only ([uncond, cond] of CFG): against every SDPA backend
-        q, k, v = _qkv(batch, heads, n, d, dtype, device)
-        providers = _reference(lambda q=q, k=k, v=v, b=batch: reference.guided_attention(q, k, v, ["none"] * b), gpu)
-        providers += _sdpa_providers(q, k, v) + _ours_attention(q, k, v, {})
-        add("guided_attention", "normal items", f"B={batch} h={heads} N={n} d={d}", providers,
-            flops=_attention_flops(batch, heads, n, n, d),
-            goal=_goal(">= 0.9x the fastest SDPA backend's throughput", gpu, _vs_sdpa(1 / 0.9)))
-
-        # SEG with finite σ: [uncond, cond, perturbed] vs SDPA on the same shape without blur
-        q, k, v = _qkv(batch + 1, heads, n, d, dtype, device)
-        modes = ["none"] * batch + ["blur"]
-        for sigma in (2.0, 10.0):
-            kw = dict(modes=modes, sigma=sigma, grid=grid)
-            size = blur_kernel_size(sigma, grid)
-            providers = _reference(lambda q=q, k=k, v=v, m=modes, s=sigma, g=grid, z=size: reference.guided_attention(
-                q, k, v, m, s, g, kernel_size=z), gpu)
-            providers += _sdpa_providers(q, k, v) + _ours_attention(q, k, v, kw)
-            add("guided_attention", f"SEG σ={sigma:g} (k={size})", shape, providers,
-                flops=_attention_flops(batch + 1, heads, n, n, d),
-                goal=_goal("<= 1.15x the fastest SDPA backend without blur (N = 4096)", gpu and n == 4096,
-                           _vs_sdpa(1.15)))
-
-        # CFG + PAG in one call: [uncond, cond, identity]
-        pag_modes = ["none"] * batch + ["identity"]
-        providers = _reference(lambda q=q, k=k, v=v, m=pag_modes: reference.guided_attention(q, k, v, m), gpu)
-        providers += _ours_attention(q, k, v, dict(modes=pag_modes))
-        add("guided_attention", "CFG+PAG batch", shape, providers, flops=_attention_flops(batch, heads, n, n, d))
-
-        # the perturbed branch alone: σ = ∞ rows, identity copies
-        q, k, v = _qkv(batch, heads, n, d, dtype, device)
-        inf_modes = ["blur"] * batch
-        providers = _reference(lambda q=q, k=k, v=v, m=inf_modes, g=grid: reference.guided_attention(
-            q, k, v, m, math.inf, g), gpu)
-        providers += _ours_attention(q, k, v, dict(modes=inf_modes, sigma=math.inf, grid=grid))
-        add("guided_attention", "SEG σ=∞ items", f"B={batch} h={heads} N={n} d={d}", providers,
-            nbytes=4 * q.numel() * elem,
-            goal=_goal(">= 5x faster than the reference (N = 4096)", gpu and n == 4096, _vs_eager(5.0)))
-
-        id_modes = ["identity"] * batch
-        providers = _reference(lambda q=q, k=k, v=v, m=id_modes: reference.guided_attention(q, k, v, m), gpu)
-        providers.append(Provider("copy of V (v.clone())", lambda v=v: v.clone()))
-        providers += _ours_attention(q, k, v, dict(modes=id_modes))
-        add("guided_attention", "PAG identity items", f"B={batch} h={heads} N={n} d={d}", providers,
-            nbytes=2 * v.numel() * elem, goal=_goal("<= 1.1x a copy of V", gpu, _vs("copy of V (v.clone())", 1.1)))
-
-    # joint attention (Flux-like: text before the image tokens): PAG against diffusers' dense mask
-    heads, grid, text, d = flux
-    n = grid[0] * grid[1] + text
-    q, k, v = _qkv(1, heads, n, d, dtype, device)
-    kw = dict(modes=["identity"], grid=grid, text_tokens=text, text_position="before")
-    providers = _reference(lambda q=q, k=k, v=v: reference.guided_attention(
-        q, k, v, ["identity"], text_tokens=text, text_position="before"), gpu)
-    providers += _ours_attention(q, k, v, kw)
-    add("guided_attention", "joint PAG item", f"B=1 h={heads} N={grid[0] * grid[1]}+{text} text d={d}", providers,
-        goal=_goal(">= 5x faster than diffusers' dense-mask SDPA path", gpu, _vs_eager(5.0)))
-    # joint SEG σ=2, batch [uncond, cond, perturbed], and the plain attention of that shape
-    q, k, v = _qkv(3, heads, n, d, dtype, device)
-    kw = dict(modes=["none", "none", "blur"], sigma=2.0, grid=grid, text_tokens=text, text_position="before")
-    size = blur_kernel_size(2.0, grid)
-    providers = _reference(lambda q=q, k=k, v=v, m=kw["modes"], z=size: reference.guided_attention(
-        q, k, v, m, 2.0, grid, text_tokens=text, text_position="before", kernel_size=z), gpu)
-    providers += _sdpa_providers(q, k, v) + _ours_attention(q, k, v, kw)
-    add("guided_attention", "joint SEG σ=2 batch", f"B=3 h={heads} N={grid[0] * grid[1]}+{text} text d={d}",
-        providers, flops=_attention_flops(3, heads, n, n, d),
-        goal=_goal("<= 1.15x the fastest SDPA backend without blur", gpu, _vs_sdpa(1.15)))
+def _seg_and_pag_batches(setup: Setup, batch, heads, grid, d) -> list[Case]:
+    """[uncond, cond, perturbed]: SEG with finite σ (vs SDPA without blur), and CFG + PAG in one call."""
+    n = grid[0] * grid[1]
+    shape = f"B={batch}+1 h={heads} N={n} d={d}"
+    q, k, v = _qkv(setup, batch + 1, heads, n, d)
+    modes = ["none"] * batch + ["blur"]
+    out = []
+    for sigma in (2.0, 10.0):
+        size = blur_kernel_size(sigma, grid)
+        providers = reference_providers(setup, lambda s=sigma, z=size: reference.guided_attention(
+            q, k, v, modes, s, grid, kernel_size=z))
+        providers += _sdpa_providers(q, k, v) + _ours(q, k, v, dict(modes=modes, sigma=sigma, grid=grid))
+        goals = _goal("<= 1.15x the fastest SDPA backend without blur (N = 4096)", _vs_sdpa(1.15)) if n == 4096 else []
+        out.append(_case(f"SEG σ={sigma:g} (k={size})", shape, q, providers,
+                         flops=_flops(batch + 1, heads, n, d), goals=goals))
+    pag_modes = ["none"] * batch + ["identity"]
+    providers = reference_providers(setup, lambda: reference.guided_attention(q, k, v, pag_modes))
+    providers += _ours(q, k, v, dict(modes=pag_modes))
+    out.append(_case("CFG+PAG batch", shape, q, providers, flops=_flops(batch, heads, n, d)))
     return out
+
+
+def _perturbed_items(setup: Setup, batch, heads, grid, d) -> list[Case]:
+    """The perturbed branch alone: σ = ∞ items (one attention row each), PAG identity items (a copy)."""
+    n = grid[0] * grid[1]
+    shape = f"B={batch} h={heads} N={n} d={d}"
+    q, k, v = _qkv(setup, batch, heads, n, d)
+    inf_modes, id_modes = ["blur"] * batch, ["identity"] * batch
+    providers = reference_providers(setup, lambda: reference.guided_attention(q, k, v, inf_modes, math.inf, grid))
+    providers += _ours(q, k, v, dict(modes=inf_modes, sigma=math.inf, grid=grid))
+    goals = _goal(f">= 5x faster than the {EAGER} (N = 4096)", faster_than(EAGER, 5.0)) if n == 4096 else []
+    inf = _case("SEG σ=∞ items", shape, q, providers, bytes=4 * q.numel() * q.element_size(), goals=goals)
+    providers = reference_providers(setup, lambda: reference.guided_attention(q, k, v, id_modes))
+    providers.append(Provider(COPY_OF_V, v.clone))
+    providers += _ours(q, k, v, dict(modes=id_modes))
+    identity = _case("PAG identity items", shape, q, providers, bytes=2 * v.numel() * v.element_size(),
+                     goals=_goal("<= 1.1x a copy of V", within((COPY_OF_V,), 1.1)))
+    return [inf, identity]
+
+
+def _joint_cases(setup: Setup, heads, grid, text, d) -> list[Case]:
+    """Joint attention (Flux-like: text before the image tokens): PAG against diffusers' dense mask,
+    and SEG σ = 2 in the batch [uncond, cond, perturbed] against plain SDPA of that shape."""
+    n = grid[0] * grid[1] + text
+    joint = dict(grid=grid, text_tokens=text, text_position="before")
+    q, k, v = _qkv(setup, 1, heads, n, d)
+    providers = reference_providers(setup, lambda: reference.guided_attention(
+        q, k, v, ["identity"], text_tokens=text, text_position="before"))
+    providers += _ours(q, k, v, dict(modes=["identity"], **joint))
+    pag = _case("joint PAG item", f"B=1 h={heads} N={grid[0] * grid[1]}+{text} text d={d}", q, providers,
+                goals=_goal(">= 5x faster than diffusers' dense-mask SDPA path", faster_than(EAGER, 5.0)))
+    q, k, v = _qkv(setup, 3, heads, n, d)
+    modes, size = ["none", "none", "blur"], blur_kernel_size(2.0, grid)
+    providers = reference_providers(setup, lambda: reference.guided_attention(
+        q, k, v, modes, 2.0, grid, text_tokens=text, text_position="before", kernel_size=size))
+    providers += _sdpa_providers(q, k, v) + _ours(q, k, v, dict(modes=modes, sigma=2.0, **joint))
+    seg = _case("joint SEG σ=2 batch", f"B=3 h={heads} N={grid[0] * grid[1]}+{text} text d={d}", q, providers,
+                flops=_flops(3, heads, n, d),
+                goals=_goal("<= 1.15x the fastest SDPA backend without blur", _vs_sdpa(1.15)))
+    return [pag, seg]
+
+
+def cases(setup: Setup) -> list[Case]:
+    self_attention, joint = SHAPES[setup.shapes]
+    out = []
+    for shape in self_attention:
+        out.append(_normal_items(setup, *shape))
+        out += _seg_and_pag_batches(setup, *shape)
+        out += _perturbed_items(setup, *shape)
+    return out + _joint_cases(setup, *joint)
