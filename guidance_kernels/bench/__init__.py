@@ -101,15 +101,21 @@ def run(device: str | None = None, quick: bool | None = None, ops: list[str] | N
     result = report.Run(env=env, ceilings=harness.measure_ceilings(setup))
     log("ceilings: " + ", ".join(f"{k} = {v:.1f}" for k, v in result.ceilings.items()))
     collect(setup, ops, result, log)
-    for case in result.cases:
-        log(f"  {case.op:<22} {case.name} {case.shape} {case.dtype}")
-        sys.stdout.flush()
-        rows = harness.run_case(case, setup, result.ceilings)
-        result.results += rows
-        by_name = {r.provider: r for r in rows}
-        result.verdicts += harness.evaluate(case, by_name, result.ceilings, setup)
-        if case.report is not None:
-            result.notes[(case.op, case.name)] = case.report(by_name)
+    try:
+        for case in result.cases:
+            log(f"  {case.op:<22} {case.name} {case.shape} {case.dtype}")
+            sys.stdout.flush()
+            rows = harness.run_case(case, setup, result.ceilings)
+            result.results += rows
+            by_name = {r.provider: r for r in rows}
+            result.verdicts += harness.evaluate(case, by_name, result.ceilings, setup)
+            if case.report is not None:
+                result.notes[(case.op, case.name)] = case.report(by_name)
+            result.measured += 1
+    except KeyboardInterrupt:  # a time limit (SIGINT): keep what was measured
+        log(f"interrupted after {result.measured} of {len(result.cases)} cases: writing what was measured")
+        result.cases = result.cases[: result.measured]
+        result.interrupted = True
     table = report.format_table(result)
     log(table)
     paths = report.write(Path(out_dir), result, table, stem)

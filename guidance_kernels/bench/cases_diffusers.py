@@ -249,7 +249,6 @@ def _unet_case(setup: Setup) -> Case:
 
     steps = _UNetSteps(setup)
     steps.configs.use("stock", lambda: None)
-    time_share = _prefix_fraction(steps.unet, lambda: steps.stock(2), "mid_block", setup.device)
     providers = [Provider(CFG_ONLY, steps.cfg_only), Provider("diffusers PAG step (3 branches)", steps.diffusers_pag),
                  Provider("CFG+PAG mid (no fork)", steps.guided(True, False, False), ours=True),
                  Provider("CFG+PAG mid (fork)", steps.guided(True, False, True), ours=True),
@@ -258,16 +257,18 @@ def _unet_case(setup: Setup) -> Case:
     real = setup.shapes == "real"
     fraction = flop_prefix_fraction(UNet2DConditionModel, steps.config, _unet_inputs, "mid_block")
     extra = []
-    if not real:
+    if setup.shapes == "small":  # the tiny model's limits differ from the real one's: state both
         f = flop_prefix_fraction(UNet2DConditionModel, SDXL_UNET, _unet_inputs, "mid_block")
         extra = [f"  the real SDXL UNet at 1024 px: {100 * f:.1f}% before the mid block; FLOP limits " + ", ".join(
             f"{name} {flop_ratio(f, UNET_BRANCHES[name], UNET_BRANCHES[CFG_ONLY]):.3f}x" for name in UNET_GOALS)]
+    if not setup.smoke:
+        time_share = _prefix_fraction(steps.unet, lambda: steps.stock(2), "mid_block", setup.device)
+        extra.append(f"  measured: {100 * time_share:.0f}% of the CFG-only UNet forward's time precedes the mid block")
     goals = [Goal(f"{name} <= {limit}x the {CFG_ONLY} (GPU; FLOP limit "
                   f"{flop_ratio(fraction, UNET_BRANCHES[name], UNET_BRANCHES[CFG_ONLY]):.3f}x)",
                   within((CFG_ONLY,), limit), counts=lambda r, name=name: r.provider == name)
              for name, limit in UNET_GOALS.items()]
     side = steps.config["sample_size"]
-    extra.append(f"  measured: {100 * time_share:.0f}% of the CFG-only UNet forward's time precedes the mid block")
     return Case(op="diffusers", name=f"SDXL UNet {'1024px' if real else 'tiny'} step", shape=f"1x4x{side}x{side}",
                 dtype=dtype_name(setup.dtype), providers=providers, baseline=CFG_ONLY, goals=goals,
                 report=_limit_report("this UNet", fraction, UNET_BRANCHES, CFG_ONLY, extra))

@@ -199,17 +199,17 @@ def time_ms(fn: Callable[[], object], setup: Setup) -> float:
 
 
 def host_us(fn: Callable[[], object], setup: Setup, kernel_ms: float) -> float | None:
-    """Wall clock per call (µs) of back-to-back calls synchronised once per batch: median of 5 batches
-    sized to ~5 ms each. On a CPU this is what :func:`time_ms` measured."""
+    """Wall clock per call (µs) of back-to-back calls synchronised once per batch: median of 3 batches
+    of ~2 ms of kernel time each. On a CPU this is what :func:`time_ms` measured."""
     if setup.smoke:
         return None
     if not setup.gpu:
         return kernel_ms * 1e3
     fn()
     _sync(setup.device)
-    calls = max(1, min(1000, int(5.0 / max(kernel_ms, 1e-3))))
+    calls = max(1, min(200, int(2.0 / max(kernel_ms, 1e-3))))
     per_call = []
-    for _ in range(5):
+    for _ in range(3):
         start = time.perf_counter()
         for _ in range(calls):
             fn()

@@ -35,6 +35,8 @@ class Run:
     notes: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (op, case) -> report lines
     skipped: dict[str, str] = field(default_factory=dict)  # family -> the optional dependency it lacks
     failed: dict[str, str] = field(default_factory=dict)  # family -> the error that stopped building its cases
+    measured: int = 0  # cases measured so far
+    interrupted: bool = False  # stopped early (SIGINT): only the cases measured are reported
 
     def rows(self, case: Case) -> list[Result]:
         return [r for r in self.results if r.op == case.op and r.case == case.name]
@@ -109,6 +111,8 @@ def format_table(run: Run) -> str:
         lines += ["", f"== {family}: skipped: {why}"]
     for family, why in run.failed.items():
         lines += ["", f"== {family}: FAILED while building its cases: {why}"]
+    if run.interrupted:
+        lines += ["", f"== interrupted: only the {run.measured} cases above were measured"]
     return "\n".join(lines)
 
 
@@ -117,6 +121,8 @@ def summary_lines(run: Run) -> list[str]:
     lines = [f"goal {v.line()}" for v in run.verdicts]
     lines += [f"skipped {family}: {why}" for family, why in run.skipped.items()]
     lines += [f"FAILED  {family}: {why}" for family, why in run.failed.items()]
+    if run.interrupted:
+        lines.append(f"interrupted after {run.measured} cases")
     return lines
 
 
@@ -130,7 +136,8 @@ def write(out_dir: Path, run: Run, table: str, stem: str | None = None) -> dict[
     payload = {"environment": run.env, "ceilings": run.ceilings,
                "goals": [asdict(v) for v in run.verdicts],
                "notes": [{"op": op, "case": case, "lines": lines} for (op, case), lines in run.notes.items()],
-               "skipped": run.skipped, "failed": run.failed, "results": [asdict(r) for r in run.results]}
+               "skipped": run.skipped, "failed": run.failed,
+               "interrupted": run.interrupted, "results": [asdict(r) for r in run.results]}
     paths["json"].write_text(json.dumps(payload, indent=1) + "\n")
     header = "\n".join(f"- {k}: {v}" for k, v in run.env.items())
     ceil = ", ".join(f"{k} = {v:.1f}" for k, v in run.ceilings.items())
