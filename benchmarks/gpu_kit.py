@@ -340,8 +340,8 @@ class Kit:
     # wheels (diffusers command) --------------------------------------------
 
     def phase_wheels(self, phase: Phase, timeout: float) -> str | None:
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-               "--upgrade", "--target", str(self.site), *map(str, self.wheels)]
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+               "--no-cache-dir", "--upgrade", "--target", str(self.site), *map(str, self.wheels)]
         status = self.status_of(self.run(cmd, "wheels.log", timeout=timeout))
         if status:
             self.say("pip log tail:\n" + self.tail("wheels.log"))
@@ -410,7 +410,8 @@ class Kit:
         except (OSError, ValueError):
             return [f"[kit] bench: no results ({path.name} missing)"]
         goals = payload.get("goals", [])
-        count = {k: sum(1 for g in goals if g["met"] is v) for k, v in (("MET", True), ("NOT MET", False), ("n/a", None))}
+        marks = (("MET", True), ("NOT MET", False), ("n/a", None))
+        count = {k: sum(1 for g in goals if g["met"] is v) for k, v in marks}
         errors = sum(1 for r in payload.get("results", []) if r.get("error"))
         lines = [f"[kit] bench: {len(payload.get('results', []))} timings ({errors} errors), goals: "
                  + ", ".join(f"{v} {k}" for k, v in count.items())]
@@ -524,7 +525,8 @@ def _memcheck(log: Path, dry: bool) -> dict:
                                   text)))[:5]
     if not totals:
         return {"memcheck": "no ERROR SUMMARY in the log (the sanitizer did not finish: see sanitizer.log)"}
-    return {"memcheck": f"{sum(totals)} errors in {len(totals)} process(es)" + (f": {'; '.join(kinds)}" if kinds else ""),
+    found = f": {'; '.join(kinds)}" if kinds else ""
+    return {"memcheck": f"{sum(totals)} errors in {len(totals)} process(es){found}",
             "memcheck_errors": sum(totals)}
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (pip install guidance_kernels[bench])")
+pytest.importorskip("pytest_benchmark", reason="pytest-benchmark is not installed (the [bench] extra)")
 
 
 def test_provider(benchmark, gk_case, gk_provider):

@@ -86,7 +86,8 @@ def _bench_parser(sub) -> None:
                        help="which cases time torch.compile(reference) (default: all with --full, only where a goal "
                             "uses it when quick, none for tiny shapes)")
     bench.add_argument("--ops", help="comma-separated op stems or families to run (default: all)")
-    bench.add_argument("--out", default="bench-out", help="directory for the JSON, table and PNG (default: %(default)s)")
+    bench.add_argument("--out", default="bench-out",
+                       help="directory for the JSON, table and PNG (default: %(default)s)")
     bench.add_argument("--stem", help="file name stem of the outputs (default: bench-<device>)")
 
 

@@ -5,8 +5,9 @@
 # GPU; nvcc compile-only where nvcc exists; host emulation of the CUDA kernels where g++ exists; the
 # GPU lane where a GPU exists. On machines without a GPU the suite then runs a second time under
 # the versions GPU images ship — torch 2.11 (its CUDA build, which runs on a CPU) and Triton 3.6 —
-# in .venv-torch211, where it also builds the real CUDA extension (extension lane) and compiles the
-# launchers against that torch's CUDA headers (launcher lane). GK_SKIP_COMPAT=1 skips that second
+# in .venv-torch211 and, as on the GPU image, without diffusers; there it also builds the real CUDA
+# extension (extension lane), compiles the launchers against that torch's CUDA headers (launcher
+# lane) and rehearses the GPU run kit (tests/test_gpu_kit.py). GK_SKIP_COMPAT=1 skips that second
 # run (it downloads a few GB once). Extra arguments go to pytest.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
@@ -21,13 +22,15 @@ if [ "${GK_SKIP_COMPAT:-0}" = "0" ] && ! has_gpu; then
     "$COMPAT/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   fi
   # numpy < 2.3: Triton 3.6's interpreter relies on behaviour numpy 2.3 removed. Plus the package's
-  # [test] extras (diffusers, transformers, ...) so that both runs execute the same tests; the package
+  # [test] and [bench] extras (what the GPU image has too: matplotlib, pytest-benchmark); the package
   # itself is used from the source tree (PYTHONPATH), not installed: installing it with this CUDA
   # torch would build _C into the tree, where the main environment's torch cannot load it.
   mapfile -t extras < <("$COMPAT/bin/python" - "$GK_ROOT/pyproject.toml" <<'PY'
 import re, sys
-block = re.search(r"^test\s*=\s*\[(.*?)\]", open(sys.argv[1]).read(), re.M | re.S).group(1)
-print("\n".join(re.findall(r'"([^"]+)"', block)))
+text = open(sys.argv[1]).read()
+for name in ("test", "bench"):
+    block = re.search(rf"^{name}\s*=\s*\[(.*?)\]", text, re.M | re.S).group(1)
+    print("\n".join(re.findall(r'"([^"]+)"', block)))
 PY
 )
   "$COMPAT/bin/python" -m pip install -q torch==2.11.0 triton==3.6.0 "numpy<2.3" setuptools wheel "${extras[@]}"
@@ -52,6 +55,15 @@ echo "[test] main suite ($("$PY" -c 'import torch, triton; print("torch", torch.
 if [ -n "$COMPAT" ]; then
   # -m "not nvcc": the nvcc / launcher lanes depend on neither version and ran above; the extension
   # lane, which builds _C with this torch, supersedes the launcher lane here.
-  echo "[test] the suite under torch 2.11 + triton 3.6 (+ extension lane)"
-  GK_EXPECT_CUDA_TORCH=1 PYTHONPATH="$GK_ROOT" "$COMPAT/bin/python" -m pytest tests -m "not nvcc" "$@"
+  # diffusers is made unimportable here (scripts/hide_modules), as on the GPU image, which has the
+  # same torch and Triton and no diffusers: every test needing it must skip with a reason, and the GPU
+  # kit's rehearsal (tests/test_gpu_kit.py) runs under the image's conditions. The diffusers tests ran
+  # in the first run.
+  export GK_HIDE_MODULES=diffusers GK_EXPECT_CUDA_TORCH=1 PYTHONPATH="$GK_ROOT:$GK_ROOT/scripts/hide_modules"
+  if "$COMPAT/bin/python" -c "import diffusers" >/dev/null 2>&1; then
+    echo "[test] diffusers is still importable with GK_HIDE_MODULES=diffusers: scripts/hide_modules is broken"
+    exit 1
+  fi
+  echo "[test] the suite under torch 2.11 + triton 3.6, without diffusers (+ extension lane, GPU kit rehearsal)"
+  "$COMPAT/bin/python" -m pytest tests -m "not nvcc" "$@"
 fi

@@ -67,7 +67,7 @@ def _results(out: Path) -> list[str]:
 
 def test_dry_run_rehearses_every_phase(tree, tmp_path):
     out = tmp_path / "out"
-    proc, seconds = _kit(tree, "--dry-run", "--out", str(out), "--bench-ops", "apg_combine",
+    proc, _ = _kit(tree, "--dry-run", "--out", str(out), "--bench-ops", "apg_combine",
                          "--tests-marker", "not gpu",
                          "--pytest-args", "tests/test_cli.py -k 'rejects_unknown_ops or goal_limits'")
     _assert_no_traceback(proc)
@@ -99,7 +99,7 @@ def test_a_phase_over_its_budget_is_stopped_and_reported(tree, tmp_path):
     """The tests phase gets 4 s for the whole suite: it is stopped (SIGINT, pytest still reports), the
     kit says TIMEOUT and still writes its summary and folder."""
     out = tmp_path / "out"
-    proc, seconds = _kit(tree, "--dry-run", "--out", str(out), "--phases", "tests", "--phase-budget", "tests=4")
+    proc, _ = _kit(tree, "--dry-run", "--out", str(out), "--phases", "tests", "--phase-budget", "tests=4")
     _assert_no_traceback(proc)
     assert proc.returncode == 1
     assert re.search(r"^\[kit\] phase tests: TIMEOUT in ([\d.]+) s$", proc.stdout, re.M), proc.stdout[-2000:]

@@ -90,7 +90,8 @@ def run(device: str | None = None, quick: bool | None = None, ops: list[str] | N
     if ops is not None:
         unknown = sorted(set(ops) - set(known_names()))
         if unknown:
-            raise ValueError(f"bench: ops: unknown {', '.join(map(repr, unknown))} (choose from {', '.join(known_names())})")
+            raise ValueError(f"bench: ops: unknown {', '.join(map(repr, unknown))} "
+                             f"(choose from {', '.join(known_names())})")
     setup = make_setup(device, quick, shapes, compile)
     torch.manual_seed(0)
     started = time.perf_counter()

@@ -40,7 +40,7 @@ def _case(setup: Setup, name: str, tokens: int, heads: int, head_dim: int) -> Ca
     flops = 2 * 2 * 2 * heads * tokens * tokens * head_dim + 2 * heads * tokens * tokens * head_dim
     return Case(op="attention_key_mass", name=f"{name} uncond mass", shape=f"2x{heads}x{tokens}x{head_dim}",
                 dtype=dtype_name(dtype), providers=providers, flops=flops, bytes=4 * q.numel() * q.element_size(),
-                compare_to=SDPA, goals=[Goal(f"<= 1.3x the time of plain SDPA on the same q/k/v (GPU)",
+                compare_to=SDPA, goals=[Goal("<= 1.3x the time of plain SDPA on the same q/k/v (GPU)",
                                              within((SDPA,), 1.3))])
 
 

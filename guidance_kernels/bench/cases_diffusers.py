@@ -36,9 +36,11 @@ SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_bloc
                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, norm_num_groups=32)
 TINY_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64), cross_attention_dim=64,
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64),
+                 cross_attention_dim=64,
                  attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
-                 addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32,
+                 addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=8 * 6 + 32,
                  norm_num_groups=16)
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,

@@ -14,8 +14,19 @@ import torch
 import guidance_kernels as gk
 from guidance_kernels import reference
 
-from .harness import COMPILED, EAGER, Case, Goal, Setup, at_bandwidth, both, dtype_name, faster_than
-from .harness import our_providers, reference_providers
+from .harness import (
+    COMPILED,
+    EAGER,
+    Case,
+    Goal,
+    Setup,
+    at_bandwidth,
+    both,
+    dtype_name,
+    faster_than,
+    our_providers,
+    reference_providers,
+)
 
 # The op stems these cases time (bench --ops filters on them).
 OPS = ["guidance_combine", "apg_combine", "cfg_zero_star_combine"]
@@ -58,7 +69,8 @@ def _latent_cases(setup: Setup, name: str, shape) -> list[Case]:
     return [
         _case(setup, "guidance_combine", f"{name} plain", shape, pred, 3,
               lambda backend: gk.guidance_combine(pred, GUIDANCE, backend=backend),
-              lambda: reference.guidance_combine(pred.chunk(3), GUIDANCE), _speedup_goal("plain"), goal_uses_compile=True),
+              lambda: reference.guidance_combine(pred.chunk(3), GUIDANCE), _speedup_goal("plain"),
+              goal_uses_compile=True),
         _case(setup, "guidance_combine", f"{name} rescale", shape, pred, 3,
               lambda backend: gk.guidance_combine(pred, GUIDANCE, rescale=0.7, backend=backend),
               lambda: reference.guidance_combine(pred.chunk(3), GUIDANCE, rescale=0.7), _speedup_goal("rescale"),

@@ -28,8 +28,19 @@ import guidance_kernels as gk
 from guidance_kernels import reference
 
 from ..attention import blur_kernel_size
-from .harness import EAGER, Case, Goal, Provider, Result, Setup, dtype_name, faster_than, reference_providers
-from .harness import usable_backends, within
+from .harness import (
+    EAGER,
+    Case,
+    Goal,
+    Provider,
+    Result,
+    Setup,
+    dtype_name,
+    faster_than,
+    reference_providers,
+    usable_backends,
+    within,
+)
 
 OPS = ["guided_attention"]
 SDPA_BACKENDS = ("flash", "efficient", "cudnn", "math")

@@ -237,16 +237,11 @@ def measure_ceilings(setup: Setup) -> dict:
     n = 1 << 16 if setup.smoke else (1 << 26 if setup.gpu else 1 << 23)
     src = torch.empty(n, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = time_ms(lambda: dst.copy_(src), setup)
-    ceilings = {"copy_gbps": 2 * src.numel() * 4 / (ms * 1e-3) / 1e9}
-    del src, dst
+    ceilings = {"copy_gbps": 2 * n * 4 / (time_ms(lambda: dst.copy_(src), setup) * 1e-3) / 1e9}
     if setup.gpu and not setup.smoke:
         m = 8192
-        a = torch.randn(m, m, dtype=torch.bfloat16, device=device)
-        b = torch.randn(m, m, dtype=torch.bfloat16, device=device)
-        ms = time_ms(lambda: a @ b, setup)
-        ceilings["matmul_tflops"] = 2 * m**3 / (ms * 1e-3) / 1e12
-        del a, b
+        a, b = (torch.randn(m, m, dtype=torch.bfloat16, device=device) for _ in range(2))
+        ceilings["matmul_tflops"] = 2 * m**3 / (time_ms(lambda: a @ b, setup) * 1e-3) / 1e12
     return ceilings
 
 
