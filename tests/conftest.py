@@ -61,9 +61,13 @@ def pytest_report_header(config):
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')} cuda={HAS_CUDA}"]
 
 
-def _code_names_cuda(code) -> bool:
-    """The test body (or a function or lambda defined in it) has the constant "cuda"."""
-    return any(c == "cuda" or (hasattr(c, "co_consts") and _code_names_cuda(c)) for c in code.co_consts)
+def _names_cuda(const) -> bool:
+    """``const`` is "cuda", or a folded tuple / a nested function or lambda holding it."""
+    if isinstance(const, str):
+        return const == "cuda"
+    if isinstance(const, (tuple, frozenset)):
+        return any(_names_cuda(c) for c in const)
+    return hasattr(const, "co_consts") and any(_names_cuda(c) for c in const.co_consts)
 
 
 def does_cuda_work(item) -> bool:
@@ -73,7 +77,7 @@ def does_cuda_work(item) -> bool:
         if isinstance(value, tuple) and len(value) >= 2 and value[1] == "cuda":
             return True
     function = getattr(item, "function", None)
-    return function is not None and _code_names_cuda(function.__code__)
+    return function is not None and _names_cuda(function.__code__)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -25,8 +25,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(torch.version.cuda is None, reason="the rehearsal needs a CUDA build of torch, as on "
-                                "the GPU image (scripts/test.sh's torch 2.11 run has one)")
+rehearsal = pytest.mark.skipif(torch.version.cuda is None, reason="the rehearsal needs a CUDA build of torch, as on "
+                               "the GPU image (scripts/test.sh's torch 2.11 run has one)")
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,7 @@ def _results(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir())
 
 
+@rehearsal
 def test_dry_run_rehearses_every_phase(tree, tmp_path):
     out = tmp_path / "out"
     proc, _ = _kit(tree, "--dry-run", "--out", str(out), "--bench-ops", "apg_combine",
@@ -95,6 +96,7 @@ def test_dry_run_rehearses_every_phase(tree, tmp_path):
                                                                            .splitlines())]
 
 
+@rehearsal
 def test_a_phase_over_its_budget_is_stopped_and_reported(tree, tmp_path):
     """The tests phase gets 4 s for the whole suite: it is stopped (SIGINT, pytest still reports), the
     kit says TIMEOUT and still writes its summary and folder."""
@@ -123,6 +125,7 @@ def _wheel(folder: Path, dist: str, module: str) -> Path:
     return path
 
 
+@rehearsal
 def test_diffusers_command_installs_the_carried_wheels_into_a_target_folder(tree, tmp_path):
     out, wheels = tmp_path / "out", tmp_path / "whl"
     _wheel(wheels, "gk-kit-probe", "gk_kit_probe")
@@ -150,6 +153,7 @@ def _one_stop_line(proc, seconds: float) -> str:
     return stops[0]
 
 
+@rehearsal
 def test_no_gpu_stops_at_preflight_with_one_line(tree, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -158,6 +162,7 @@ def test_no_gpu_stops_at_preflight_with_one_line(tree, tmp_path):
     assert "STOPPED at preflight: no GPU" in (tmp_path / "out" / "summary.txt").read_text()
 
 
+@rehearsal
 def test_no_nvcc_stops_at_preflight_with_one_line(tree, tmp_path):
     empty = tmp_path / "no-cuda"
     empty.mkdir()
@@ -167,6 +172,7 @@ def test_no_nvcc_stops_at_preflight_with_one_line(tree, tmp_path):
     assert "nvcc not found" in _one_stop_line(proc, seconds)
 
 
+@rehearsal
 def test_missing_wheel_stops_at_preflight_with_one_line(tree, tmp_path):
     wheels = tmp_path / "whl"
     _wheel(wheels, "something-else", "something_else")
@@ -191,3 +197,26 @@ def test_results_folder_limits(tmp_path):
     problems = "\n".join(gpu_kit.check_results(tmp_path))
     assert "11 files (at most 7)" in problems and "bad name.txt: a name outside" in problems
     assert "deep.txt: more than 2 folders deep" in problems and "big.bin: 17.0 MiB" in problems
+
+
+def test_conftest_marks_cuda_work_for_the_gpu_lane():
+    """What ``pytest -m gpu`` selects on a GPU machine: CUDA lane parameters, or "cuda" in the test body."""
+    from types import SimpleNamespace
+
+    import conftest
+
+    def item(params=None, function=None):
+        return SimpleNamespace(callspec=SimpleNamespace(params=params) if params is not None else None,
+                               function=function)
+
+    def on_cuda():
+        return [torch.zeros(1, device=d) for d in ("cuda",)]
+
+    def on_cpu():
+        return torch.zeros(1, device="cpu")
+
+    assert conftest.does_cuda_work(item({"lane": ("triton", "cuda")}, on_cpu))
+    assert conftest.does_cuda_work(item({"lane": ("triton", "cuda", "fused"), "dtype": torch.float16}, on_cpu))
+    assert not conftest.does_cuda_work(item({"lane": ("triton", "cpu")}, on_cpu))
+    assert conftest.does_cuda_work(item(None, on_cuda))  # "cuda" inside a comprehension of the body
+    assert not conftest.does_cuda_work(item(None, on_cpu))
