@@ -13,6 +13,7 @@ import guidance_kernels
 from guidance_kernels import _extension, backends
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NAME = 13  # width of the backend column
 
 
 def _versions() -> list[str]:
@@ -42,7 +43,7 @@ def capability_matrix(op: str, device_type: str, device_index: int | None) -> li
 
     order = backends.op_backends(op)
     lines = [f"{op}: priority {' > '.join(order)}", f"    {status.describe(op)}",
-             (f"    {'backend':<10}" + "".join(f"{str(d).replace('torch.', ''):<12}" for d in DTYPES)).rstrip()]
+             (f"    {'backend':<{_NAME}}" + "".join(f"{str(d).replace('torch.', ''):<12}" for d in DTYPES)).rstrip()]
     notes: dict[str, str] = {}
     for backend in order:
         cells = []
@@ -54,7 +55,7 @@ def capability_matrix(op: str, device_type: str, device_index: int | None) -> li
             text = "; ".join(reasons)
             mark = notes.setdefault(text, f"({chr(ord('a') + len(notes))})")
             cells.append(f"no {mark}")
-        lines.append((f"    {backend:<10}" + "".join(f"{c:<12}" for c in cells)).rstrip())
+        lines.append((f"    {backend:<{_NAME}}" + "".join(f"{c:<12}" for c in cells)).rstrip())
     lines += [f"    {mark} {text}" for text, mark in notes.items()]
     return lines
 

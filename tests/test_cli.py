@@ -39,7 +39,7 @@ def test_info_prints_every_op_with_its_status_and_a_matrix_per_dtype():
         rows = [line.split()[0] for line in lines[at + 3: at + 3 + len(order)]]
         assert rows == list(order)
     # the torch backend serves every dtype everywhere; a backend that cannot says why in a footnote
-    assert "      torch     ok          ok          ok" in lines
+    assert ["torch", "ok", "ok", "ok"] in [line.split() for line in lines]
     if not torch.cuda.is_available():
         assert "needs a CUDA device" in out or "CPU tensors need TRITON_INTERPRET=1" in out
 

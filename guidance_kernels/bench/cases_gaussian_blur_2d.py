@@ -16,7 +16,7 @@ import torch
 import guidance_kernels as gk
 from guidance_kernels import reference
 
-from ..attention import blur_kernel_size
+from .._spec import blur_kernel_size
 from .harness import Case, Setup, dtype_name, our_providers, reference_providers
 
 OPS = ["gaussian_blur_2d"]

@@ -8,10 +8,10 @@ Flux-like (24 heads, 4096 image + 512 text tokens, d = 128) — each case side b
   goals compare against the fastest of them;
 * the eager reference (SEG-SDXL's blur + SDPA, diffusers' PAG processors: dense S×S mask for joint
   attention) and, with ``--full``, ``torch.compile`` of it;
-* our backends: ``triton (fused)`` — blur / mean pre-passes and ONE flash-attention launch for the
-  whole mixed batch —, ``triton (blur + SDPA)`` — the same pre-passes feeding torch's SDPA, the
-  kernel only for identity / σ = ∞ items — and ``torch``. The faster triton variant should be the
-  default strategy; goals count the triton variants only (the torch backend is SDPA itself).
+* our backends: ``triton`` — blur / mean pre-passes and ONE flash-attention launch for the whole
+  mixed batch —, ``triton_sdpa`` — the same pre-passes feeding torch's SDPA, the kernel only for
+  identity / σ = ∞ items — and ``torch``. The faster Triton route should come first in the op's
+  priority; goals count the Triton routes only (the torch backend is SDPA itself).
 
 CPU (fp32, small shapes): the algorithmic wins of the torch backend — σ = ∞ as one attention row
 per (item, head), identity and joint PAG without the quadratic work. Tiny: odd token counts.
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import guidance_kernels as gk
 from guidance_kernels import reference
 
-from ..attention import blur_kernel_size
+from .._spec import blur_kernel_size
 from .harness import (
     EAGER,
     Case,
@@ -37,8 +37,8 @@ from .harness import (
     Setup,
     dtype_name,
     faster_than,
+    our_providers,
     reference_providers,
-    usable_backends,
     within,
 )
 
@@ -71,26 +71,15 @@ def _sdpa_providers(q, k, v) -> list[Provider]:
 
 
 def _ours(q, k, v, kw) -> list[Provider]:
-    """Our backends; the triton one once per strategy (its fused kernel, or pre-passes + SDPA)."""
-    providers = []
-    for backend in usable_backends("guided_attention", q, (("head_dim", q.shape[-1]),)):
-        if backend != "triton":
-            providers.append(Provider(backend, (lambda b=backend: gk.guided_attention(q, k, v, backend=b, **kw)),
-                                      ours=True))
-            continue
-        from ..triton.guided_attention import use_strategy
-
-        def strategy(name):
-            with use_strategy(name):
-                return gk.guided_attention(q, k, v, backend="triton", **kw)
-
-        providers.append(Provider("triton (fused)", (lambda: strategy("fused")), ours=True))
-        providers.append(Provider("triton (blur + SDPA)", (lambda: strategy("sdpa")), ours=True))
-    return providers
+    """Each of our backends that can serve the call (``kernel_items``: taken as True so that
+    triton_sdpa is timed wherever it can run its kernel)."""
+    return our_providers("guided_attention", q, lambda backend: gk.guided_attention(q, k, v, backend=backend, **kw),
+                         (("head_dim", q.shape[-1]), ("kernel_items", True)))
 
 
 def _triton(row: Result) -> bool:
-    """What automatic selection runs on a GPU: the faster triton variant once it is the default."""
+    """What automatic selection runs on a GPU: the faster Triton route once the priority puts it first
+    (the torch backend, itself SDPA for plain items, does not count)."""
     return row.ours and row.provider.startswith("triton")
 
 

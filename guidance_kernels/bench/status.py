@@ -30,9 +30,9 @@ PRIORITIES = {
     "sag_degrade": Status("predicted", "cuda before triton, as guidance_combine"),
     "gaussian_blur_2d": Status("predicted", "triton before torch: one separable pass instead of the reference's "
                                             "k×k convolution"),
-    "guided_attention": Status("predicted", "triton before torch; the triton strategy 'sdpa' (pre-passes + torch "
-                                            "SDPA) is the default for none/blur items, 'fused' predicted at "
-                                            "0.35-0.9x of FA2/cuDNN on sm_90 (issue 12 §3)"),
+    "guided_attention": Status("predicted", "triton_sdpa (pre-passes + torch SDPA, our kernel only for identity "
+                                            "/ σ = ∞ items) before triton (one fused launch, predicted at "
+                                            "0.35-0.9x of FA2/cuDNN on sm_90, issue 12 §3) before torch"),
     "attention_key_mass": Status("predicted", "triton before torch: the mass without the (N, N) map, "
                                               "predicted 2-3x SDPA time (issue 12 §3)"),
 }
