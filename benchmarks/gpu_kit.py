@@ -93,11 +93,7 @@ class Kit:
         self.phases: list[Phase] = []
         self.facts: dict = {}
         self.site = self.work / "site"  # where the wheels are installed
-        budgets = dict(MAIN_BUDGETS if self.command == "main" else DIFFUSERS_BUDGETS)
-        for item in args.phase_budget:
-            name, _, value = item.partition("=")
-            budgets[name] = float(value)
-        self.budgets = budgets
+        self.budgets = {**(MAIN_BUDGETS if self.command == "main" else DIFFUSERS_BUDGETS), **args.phase_budget}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -128,11 +124,11 @@ class Kit:
             try:
                 return proc.wait(timeout=max(1.0, timeout))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGINT)
+                _signal_group(proc.pid, signal.SIGINT)
                 try:
                     proc.wait(timeout=15)
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    _signal_group(proc.pid, signal.SIGKILL)
                     proc.wait()
                 fh.write(f"\n[kit] stopped at the phase's budget ({timeout:.0f} s)\n")
                 return None
@@ -215,14 +211,17 @@ class Kit:
             missing.append(f"no GPU (nvidia-smi {'-L: ' + str(facts['nvidia-smi -L']) if smi else 'not found'}; "
                            f"torch {probe.get('torch')} sees no CUDA device) — on a CPU rehearse with --dry-run")
         nvcc = probe.get("nvcc")
-        if not nvcc:
+        if not nvcc and self.command == "main":
             missing.append(f"nvcc not found (torch's CUDA_HOME is {probe.get('cuda_home')}; PATH has none): "
                            "the build phase compiles _C with it")
+        if not probe.get("pytest") and self.command == "main":
+            missing.append("pytest is not installed (the tests phase runs it)")
         missing += self.missing_wheels()
         if missing:
             raise Stop("; ".join(missing))
-        for tool in ("compute-sanitizer",):
-            facts[tool] = shutil.which(tool)
+        homes = [probe.get("cuda_home"), "/usr/local/cuda"]
+        facts["compute-sanitizer"] = shutil.which("compute-sanitizer") or next(
+            (str(p) for p in (Path(h) / "bin" / "compute-sanitizer" for h in homes if h) if p.exists()), None)
         self.say(f"GPU: {probe.get('gpu_name') or 'none (dry run)'}; torch {probe.get('torch')} (CUDA "
                  f"{probe.get('torch_cuda')}), triton {probe.get('triton')}, python {facts['python']}, nvcc {nvcc}")
         if facts.get("gpu"):
@@ -484,6 +483,13 @@ print(json.dumps(out))
 """
 
 
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:  # it ended meanwhile
+        pass
+
+
 def _output(cmd: list[str]) -> str:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
@@ -586,6 +592,14 @@ def parse_args(argv: list[str] | None = None):
                         help="module to import for a required distribution (default: its normalised name)")
     parser.add_argument("--dry-run", action="store_true", help="rehearse on a CPU (no GPU, no sanitizer)")
     args = parser.parse_args(argv)
+    budgets = MAIN_BUDGETS if args.command == "main" else DIFFUSERS_BUDGETS
+    parsed = {}
+    for item in args.phase_budget:
+        name, _, value = item.partition("=")
+        if name not in budgets or not re.fullmatch(r"\d+(\.\d*)?", value):
+            parser.error(f"--phase-budget: {item!r} is not PHASE=SECONDS with PHASE one of {', '.join(budgets)}")
+        parsed[name] = float(value)
+    args.phase_budget = parsed
     args.require = args.require or ["diffusers"]
     args.module = dict(item.partition("=")[::2] for item in args.module)
     args.budget = args.budget or (395.0 if args.command == "main" else 215.0)
