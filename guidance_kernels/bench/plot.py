@@ -33,8 +33,11 @@ def _log_axis(ax, values: list[float]) -> None:
     low, high = min(values + [1.0]) / 1.3, max(values + [1.0]) * 1.3
     ax.set_yscale("log")
     ax.set_ylim(low, high)
-    ticks = [m * 10.0**e for e in range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
-             for m in (1, 2, 5) if low <= m * 10.0**e <= high]
+    decades = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    for mantissas in ((1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [m * 10.0**e for e in decades for m in mantissas if low <= m * 10.0**e <= high]
+        if len(ticks) >= 3:
+            break
     ax.yaxis.set_major_locator(FixedLocator(ticks))
     ax.yaxis.set_minor_locator(NullLocator())
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
@@ -44,7 +47,7 @@ def _log_axis(ax, values: list[float]) -> None:
 def _panel(ax, run, family: str, cases: list[Case]) -> None:
     per_case = [[r for r in run.rows(c) if r.provider != c.baseline] for c in cases]
     colours = _colours([r for rows in per_case for r in rows])
-    width = 0.8 / max([1] + [len(rows) for rows in per_case])
+    width = min(0.25, 0.8 / max([1] + [len(rows) for rows in per_case]))
     values, drawn, ticks = [], set(), []
     for x, (case, rows) in enumerate(zip(cases, per_case)):
         start = x - width * (len(rows) - 1) / 2
@@ -56,7 +59,8 @@ def _panel(ax, run, family: str, cases: list[Case]) -> None:
                 values.append(r.speedup)
         for v in run.verdicts:
             if v.op == case.op and v.case == case.name and v.required_speedup:
-                ax.hlines(v.required_speedup, x - 0.45, x + 0.45, colors="red", linestyles="--", linewidth=1.3,
+                half = max(0.2, width * len(rows) / 2 + 0.05)
+                ax.hlines(v.required_speedup, x - half, x + half, colors="red", linestyles="--", linewidth=1.3,
                           label=None if "goal" in drawn else "goal")
                 drawn.add("goal")
                 values.append(v.required_speedup)
@@ -64,12 +68,13 @@ def _panel(ax, run, family: str, cases: list[Case]) -> None:
         ticks.append("\n".join(textwrap.wrap(label, 14)[:3]))
     ax.axhline(1.0, color="black", linewidth=0.8)
     _log_axis(ax, values)
+    ax.set_xlim(-0.6, len(cases) - 0.4)
     ax.set_xticks(range(len(cases)))
     ax.set_xticklabels(ticks, fontsize=6)
     baselines = {c.baseline for c in cases}
     ax.set_title(f"{family}: speed-up over " + (baselines.pop() if len(baselines) == 1 else "each case's baseline"),
                  fontsize=8)
-    ax.legend(fontsize=5.5, ncol=2, loc="upper left", framealpha=0.7)
+    ax.legend(fontsize=5.5, ncol=2, loc="best", framealpha=0.7)
 
 
 def _message(ax, text: str) -> None:
