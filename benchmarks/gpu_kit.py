@@ -14,8 +14,8 @@ Main command phases (budget in seconds; the command stops within ``--budget``):
 * ``build``      ``setup.py build_ext --inplace`` of ``_C`` for ``9.0a`` only, all cores;
 * ``tests``      the GPU lane alone (``pytest -m gpu``, in parallel with pytest-xdist); the CPU-only
   and compile lanes run in CI, not here;
-* ``bench``      ``python -m guidance_kernels bench --quick`` of every op family except the whole-step
-  diffusers one, ``torch.compile(reference)`` only where a goal compares against it;
+* ``bench``      ``python -m guidance_kernels bench --quick`` of every op family (not the whole-step
+  ones), ``torch.compile(reference)`` only where a goal compares against it;
 * ``sanitizer``  ``compute-sanitizer --tool memcheck`` over the bench smoke (every op × backend at
   tiny odd shapes) and then a few CUDA-backend and Triton tests, with torch's caching allocator off so
   an out-of-bounds access leaves its allocation.
@@ -57,7 +57,9 @@ DIFFUSERS_BUDGETS = {"preflight": 35, "wheels": 30, "bench": 150}
 MAX_RESULT_FILES = 7  # the machine returns at most 8 files; one spare
 MAX_FILE_BYTES = 16 * 2**20
 RESERVE_S = 8  # kept back from the last phase for the summary and the archive
-FAMILIES_EXCEPT_DIFFUSERS = "guidance_combine,gaussian_blur_2d,guided_attention,attention_key_mass,sag_degrade"
+# the op families of the main command; the whole-step ones (diffusers, dit: need the diffusers wheel;
+# comfyui: needs ComfyUI, which is not on the image) are the second command's or not run there
+OP_FAMILIES = "guidance_combine,gaussian_blur_2d,guided_attention,attention_key_mass,sag_degrade"
 # the CUDA-backend and Triton tests memcheck runs after the bench smoke (it stops at the phase's budget)
 SANITIZE_TESTS = ["tests/test_guidance_combine_cuda.py", "tests/test_sag_degrade.py", "tests/test_gaussian_blur_2d.py",
                   "-m", "gpu", "-k", "cuda-cuda or triton-cuda or test_guidance_combine_cuda"]
@@ -308,7 +310,7 @@ class Kit:
 
     def phase_bench(self, phase: Phase, timeout: float) -> str | None:
         stem = f"bench-{self.device}{self.suffix}"
-        ops = self.args.bench_ops if self.command == "main" else "diffusers"
+        ops = self.args.bench_ops or (OP_FAMILIES if self.command == "main" else "diffusers")
         rc = self.run(self.bench_cmd(ops, stem), f"bench{self.suffix}.log", timeout=timeout)
         phase.facts["json"] = str(self.out / f"{stem}.json")
         return self.status_of(rc)
@@ -324,7 +326,7 @@ class Kit:
         env = self.env(PYTORCH_NO_CUDA_MEMORY_CACHING="1")
         start = time.monotonic()
         smoke = [sys.executable, "-m", "guidance_kernels", "bench", "--smoke", "--device", self.device, "--ops",
-                 self.args.bench_ops, "--out", str(self.work / "sanitize"), "--stem", "sanitize"]
+                 self.args.bench_ops or OP_FAMILIES, "--out", str(self.work / "sanitize"), "--stem", "sanitize"]
         rc = self.run(wrap + smoke, "sanitizer.log", timeout=timeout, env=env)
         statuses = [self.status_of(rc)]
         left = timeout - (time.monotonic() - start)
@@ -581,8 +583,9 @@ def parse_args(argv: list[str] | None = None):
                                                                    "the GPU lane)")
     parser.add_argument("--pytest-args", default="tests", help="what the tests phase runs (default: tests; a rerun "
                                                                "can name files, -k expressions...)")
-    parser.add_argument("--bench-ops", default=FAMILIES_EXCEPT_DIFFUSERS,
-                        help="families / ops of the bench and sanitizer phases (default: all but diffusers)")
+    parser.add_argument("--bench-ops", help="families / ops of the bench (and sanitizer) phase (default: the op "
+                                             "families for the main command, diffusers for the diffusers one; "
+                                             "diffusers,dit adds the DiT steps: ~3 more minutes)")
     parser.add_argument("--commit", default=os.environ.get("GK_COMMIT"),
                         help="the commit being run (the copied tree has no .git); default $GK_COMMIT")
     parser.add_argument("--wheels", default=str(ROOT / ".whl"), help="wheel folder of the diffusers command")

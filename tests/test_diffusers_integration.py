@@ -13,7 +13,8 @@ from guidance_kernels import reference as R
 from guidance_kernels.integrations import diffusers as gkd
 from tiny_models import sd3, sd3_inputs, unet_inputs, unet_sd, unet_sdxl
 
-pytest.importorskip("diffusers", reason="diffusers is an optional test dependency (pyproject [test]); the GPU image has none")
+pytest.importorskip("diffusers", reason="diffusers is an optional test dependency (pyproject [test]); "
+                    "the GPU image has none")
 
 TIGHT = dict(rtol=2e-5, atol=2e-5)
 

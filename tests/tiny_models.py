@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("diffusers", reason="diffusers is an optional test dependency (pyproject [test]); the GPU image has none")
+pytest.importorskip("diffusers", reason="diffusers is an optional test dependency (pyproject [test]); "
+                    "the GPU image has none")
 
 
 def unet_sd(seed: int = 0, dtype=torch.float32):

@@ -1,9 +1,10 @@
 """``python -m guidance_kernels bench``: every op at real diffusion shapes, side by side.
 
 Each op contributes a module ``cases_<op>.py`` (the combine family's three ops share
-``cases_guidance_combine.py``; ``cases_diffusers.py`` times whole denoising steps) with ``OPS`` (the
-op stems it times), optionally ``REQUIRES`` (modules it needs beyond the package's own dependencies:
-a family whose requirement is missing is skipped and the table says why) and
+``cases_guidance_combine.py``; ``cases_diffusers.py``, ``cases_dit.py`` and ``cases_comfyui.py``
+time whole denoising steps and sampler runs) with ``OPS`` (the op stems it times), optionally
+``REQUIRES`` (modules it needs beyond the package's own dependencies: a family whose requirement is
+missing, or whose cases raise ImportError, is skipped and the table says why) and
 ``cases(setup) -> list[Case]`` (see :mod:`.harness`). :data:`FAMILIES` lists them in the order
 they are run. Families are filtered before their cases are built (building a case allocates its
 inputs and models).
@@ -12,6 +13,7 @@ inputs and models).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import time
 import traceback
@@ -39,12 +41,11 @@ def known_names() -> list[str]:
 
 
 def missing_requirement(module: ModuleType) -> str | None:
-    """Why a family cannot run here (a module in its ``REQUIRES`` does not import), or None."""
+    """Why a family cannot run here (a module in its ``REQUIRES`` is not installed), or None. Looked
+    up without importing it (importing ComfyUI changes process-wide settings)."""
     for name in getattr(module, "REQUIRES", ()):
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            return f"needs {name}, which is not importable here ({exc})"
+        if importlib.util.find_spec(name) is None:
+            return f"needs {name}, which is not installed here"
     return None
 
 
@@ -73,6 +74,10 @@ def collect(setup: harness.Setup, ops: list[str] | None, run: report.Run, log=pr
             continue
         try:
             cases = module.cases(setup)
+        except ImportError as exc:  # something the requirement itself needs is missing
+            run.skipped[family] = f"an import failed: {exc}"
+            log(f"  {family}: skipped: {exc}")
+            continue
         except Exception as exc:  # reported, not fatal: the other families still run
             run.failed[family] = f"{type(exc).__name__}: {exc}"
             log(f"  {family}: building its cases failed:\n{traceback.format_exc()}")

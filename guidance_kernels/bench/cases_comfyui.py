@@ -10,14 +10,14 @@ prediction, the limit of its two calls.
 CPU: the tiny SD1.5 UNet and SD3 MMDiT of :mod:`guidance_kernels.integrations.comfyui.tiny`
 (float32, 16×16 latents: the ratios show batching and call overheads, not GPU behaviour). GPU
 (float16): the SDXL UNet and the SD3-medium MMDiT in their real configurations with random weights
-at 1024×1024 (latent 128×128). Without an importable ComfyUI there are no cases.
+at 1024×1024 (latent 128×128). Without an importable ComfyUI the family is skipped.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .harness import Case, Provider
+from .harness import Case, Goal, Provider, Setup, dtype_name, within
 
 SDXL_FULL = {"model_channels": 320, "num_head_channels": 64, "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4],
              "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
@@ -28,6 +28,8 @@ SD3_MEDIUM = {"depth": 24, "adm_in_channels": 2048, "pos_embed_max_size": 192, "
 
 # The op stems these cases time (bench --ops filters on them).
 OPS = ["comfyui"]
+REQUIRES = ("comfy",)
+LIMIT = "one-call limit (1 call, batch 3)"
 
 
 def _limit_model(model):
@@ -56,36 +58,25 @@ def _runner(comfy, model, kind, device, dtype, steps, size, widths):
     return run
 
 
-def _goal(device, limit_name, pairs):
-    """On a GPU: each of ours within ``factor`` × the limit run's time."""
-
-    def check(rows) -> bool | None:
-        if device.type != "cuda":
-            return None
-        limit = rows.get(limit_name)
-        if not (limit and limit.ms):
-            return False
-        return all(rows.get(name) is not None and rows[name].ms is not None and rows[name].ms <= factor * limit.ms
-                   for name, factor in pairs)
-
-    return check
+def _goals(pairs) -> list[Goal]:
+    """Each of ours (name, factor) within ``factor`` × the one-call limit's time."""
+    return [Goal(f"{name} <= {factor}x the {LIMIT} (GPU)", within((LIMIT,), factor),
+                 counts=lambda r, name=name: r.provider == name) for name, factor in pairs]
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
+def cases(setup: Setup) -> list[Case]:
     from ..integrations.comfyui import tiny
 
-    try:
-        comfy = tiny.import_comfy(device)
-        from comfy_extras.nodes import nodes_pag, nodes_sag, nodes_slg
-    except ImportError:
-        return []
+    device = setup.device
+    comfy = tiny.import_comfy(device)  # an ImportError (e.g. no torchvision) skips the family
+    from comfy_extras.nodes import nodes_pag, nodes_sag, nodes_slg
+
     from ..integrations.comfyui import nodes
 
-    gpu = device.type == "cuda"
-    dtype = torch.float16 if gpu else torch.float32
-    steps = 3 if quick else 8
+    gpu = setup.shapes == "real"
+    dtype = torch.float16 if setup.gpu else torch.float32
+    steps = 1 if setup.smoke else 3 if setup.quick else 8
     size = (128, 128) if gpu else (16, 16)
-    dtype_name = str(dtype).replace("torch.", "")
 
     def node(cls, model, *args):
         return cls.execute(model, *args).result[0]
@@ -101,7 +92,7 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     sag = lambda m: node(nodes.SelfAttentionGuidance, m, 0.5, 2.0)  # noqa: E731
     providers = [
         Provider("CFG only (1 call)", unet_run(unet)),
-        Provider("one-call limit (1 call, batch 3)", unet_run(_limit_model(unet))),
+        Provider(LIMIT, unet_run(_limit_model(unet))),
         Provider("stock PAG (2 calls)", unet_run(node(nodes_pag.PerturbedAttentionGuidance, unet, 3.0))),
         Provider("PAG (1 call)", unet_run(pag(unet)), ours=True),
         Provider("SEG sigma=inf (1 call)", unet_run(node(nodes.SmoothedEnergyGuidance, unet, 3.0, -1.0, "middle", 0,
@@ -114,11 +105,9 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     ]
     name = f"{'SDXL 1024px' if gpu else 'tiny SD1.5'} UNet, {steps}-step euler run (per step: / {steps})"
     shape = f"1x4x{size[0]}x{size[1]}"
-    out = [Case(op="comfyui", name=name, shape=shape, dtype=dtype_name, providers=providers,
-                baseline="CFG only (1 call)", compare_to="one-call limit (1 call, batch 3)",
-                goal="PAG, SEG <= 1.1x the one-call limit (GPU)",
-                goal_check=_goal(device, "one-call limit (1 call, batch 3)",
-                                 [("PAG (1 call)", 1.1), ("SEG sigma=inf (1 call)", 1.1)]))]
+    out = [Case(op="comfyui", name=name, shape=shape, dtype=dtype_name(dtype), providers=providers,
+                baseline="CFG only (1 call)", compare_to=LIMIT,
+                goals=_goals([("PAG (1 call)", 1.1), ("SEG sigma=inf (1 call)", 1.1)]))]
 
     dit = tiny.build("sd3", dtype=dtype, device=device, config=SD3_MEDIUM if gpu else None)
     dit_widths = (154, 4096, 2048) if gpu else (7, None, None)
@@ -129,13 +118,12 @@ def cases(device: torch.device, quick: bool) -> list[Case]:
     slg_args = (3.0, 0.0, 1.0, "7" if gpu else "1", "")  # scale, start/end percent (every step), layers
     dit_providers = [
         Provider("CFG only (1 call)", dit_run(dit)),
-        Provider("one-call limit (1 call, batch 3)", dit_run(_limit_model(dit))),
+        Provider(LIMIT, dit_run(_limit_model(dit))),
         Provider("stock SLG (2 calls)", dit_run(node(nodes_slg.SkipLayerGuidanceDiT, dit, *slg_args))),
         Provider("SLG (1 call)", dit_run(node(nodes.SkipLayerGuidanceDiT, dit, *slg_args)), ours=True),
     ]
     dit_name = f"{'SD3-medium 1024px' if gpu else 'tiny SD3'} MMDiT, {steps}-step euler run (per step: / {steps})"
-    out.append(Case(op="comfyui", name=dit_name, shape=f"1x16x{size[0]}x{size[1]}", dtype=dtype_name,
-                    providers=dit_providers, baseline="CFG only (1 call)", compare_to="one-call limit (1 call, batch 3)",
-                    goal="SLG <= 1.05x the one-call limit (GPU)",
-                    goal_check=_goal(device, "one-call limit (1 call, batch 3)", [("SLG (1 call)", 1.05)])))
+    out.append(Case(op="comfyui", name=dit_name, shape=f"1x16x{size[0]}x{size[1]}", dtype=dtype_name(dtype),
+                    providers=dit_providers, baseline="CFG only (1 call)", compare_to=LIMIT,
+                    goals=_goals([("SLG (1 call)", 1.05)])))
     return out

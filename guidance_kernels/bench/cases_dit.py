@@ -25,12 +25,12 @@ show batching overheads, not GPU behaviour).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 
-from .harness import Case, Provider
+from .harness import Case, Provider, Setup, dtype_name
 
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
@@ -193,18 +193,19 @@ def _spec_cases(spec: _Spec, device: torch.device, dtype: torch.dtype) -> list[C
                      Provider("one forward, full batch", guided(label, options, scales, fork=False), ours=True),
                      Provider("one forward, forked", guided(label, options, scales, fork=True), ours=True)]
         cases.append(Case(op="dit", name=f"{spec.name} {label} (FLOP limit {limit:.2f}x the CFG-only step)",
-                          shape=shape, dtype=str(dtype).replace("torch.", ""), providers=providers,
-                          baseline="CFG-only step", compare_to="per-branch path",
-                          goal="report the step's cost against the CFG-only step and its FLOP limit"))
+                          shape=shape, dtype=dtype_name(dtype), providers=providers,
+                          baseline="CFG-only step", compare_to="per-branch path"))
     installed.use("stock", lambda: None)
     return cases
 
 
 # The op stems these cases time (bench --ops filters on them).
 OPS = ["dit"]
+REQUIRES = ("diffusers",)
 
 
-def cases(device: torch.device, quick: bool) -> list[Case]:
-    gpu = device.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    return [case for spec in _specs(gpu) for case in _spec_cases(spec, device, dtype)]
+def cases(setup: Setup) -> list[Case]:
+    specs = _specs(setup.shapes == "real")
+    if setup.smoke:  # one case per model: the combination that runs every perturbation
+        specs = [replace(s, combos={k: v for k, v in s.combos.items() if k == "CFG+PAG+SEG+SLG"}) for s in specs]
+    return [case for spec in specs for case in _spec_cases(spec, setup.device, setup.dtype)]
