@@ -175,9 +175,7 @@ def place(branches, size: int) -> Placement:
             visit(block, max(used, g + 1))
             block.pop()
 
-    visit([], 0)
-    if best[0] is None:  # only a cycle of pins can make every partition infeasible
-        raise ValueError("place: branches: no placement keeps every pinned branch with its parent")
+    visit([], 0)  # one group holding everything is always feasible
     _, block, loads = best[0]
     groups = [tuple(b.name for j, b in enumerate(branches) if block[j] == g) for g in range(size)]
     forked = frozenset(b.name for j, b in enumerate(branches)
@@ -309,6 +307,16 @@ class BranchParallel:
             raw[:data.numel()] = data.to(device)
         return contribution
 
+    def _collect(self, mine: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """The step's one collective: ``mine`` to every rank, everyone's contributions back,
+        concatenated in rank order (``lengths``: each rank's contribution). Traceable by
+        torch.compile (the c10d call becomes a functional collective)."""
+        send = mine.repeat(self.size)  # the same bytes for every rank (itself included)
+        flat = mine.new_empty(sum(lengths))
+        dist.all_to_all_single(flat, send, output_split_sizes=lengths,
+                               input_split_sizes=[lengths[self.rank]] * self.size, group=self.group)
+        return flat
+
     def _exchange(self, local, failure, placement, numel, dtype, device) -> torch.Tensor:
         lengths = [self._length(len(g), numel, dtype) for g in placement.groups]
         try:
@@ -316,10 +324,7 @@ class BranchParallel:
                 mine = self._pack(local, placement, self.rank, numel, dtype, device)
             else:
                 mine = self._failure_contribution(failure, placement, numel, dtype, device)
-            send = mine.repeat(self.size)  # the same bytes for every rank (itself included)
-            flat = torch.empty(sum(lengths), dtype=dtype, device=device)
-            dist.all_to_all_single(flat, send, output_split_sizes=lengths,
-                                   input_split_sizes=[lengths[self.rank]] * self.size, group=self.group)
+            flat = self._collect(mine, lengths)
         except BaseException as exc:  # noqa: BLE001
             if failure is not None:
                 raise failure from None
