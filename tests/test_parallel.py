@@ -231,6 +231,46 @@ def test_bad_process_group_arguments_are_named():
         par.run(P.place([P.Branch("cond", 1.0)], 3), dict, shape=(1, 3), dtype=torch.float32, device="cpu")
 
 
+# --------------------------------------------------------------------------- benchmark cases
+
+
+def test_bytes_per_step_counts_what_each_scheme_receives():
+    from guidance_kernels.bench.cases_parallel import bytes_per_step, exchange_placement
+
+    groups = [["uncond"], ["cond", "pag"]]  # bf16 branches of 1000 bytes
+    # ours: contributions of 1002 and 2002 bytes padded to 1024 and 2048; each rank receives the other's
+    assert bytes_per_step("ours", groups, 1000, 2) == 2048 + 1024
+    assert bytes_per_step("xdit", groups, 1000, 2) == 2 * 1 * 2 * 1000  # both ranks gather 2 slots
+    assert bytes_per_step("sglang", groups, 1000, 2) == 2 * 1 * 2 * 2000  # in fp32
+    with pytest.raises(ValueError, match=r"bytes_per_step: scheme: unknown 'nccl'"):
+        bytes_per_step("nccl", groups, 1000, 2)
+    placement = exchange_placement(("uncond", "cond", "seg", "pag", "slg"), 2)
+    assert placement.groups == (("uncond", "seg"), ("cond", "pag", "slg")) and placement.forked == {"pag", "slg"}
+
+
+@pytest.mark.skipif(os.environ.get("GK_EXPECT_CUDA_TORCH") == "1",
+                    reason="runs in the main lane: the 4-process job covers the collectives under this torch")
+def test_parallel_bench_cases_run_on_a_cpu_pool():
+    from guidance_kernels.bench import cases_parallel
+
+    pool = cases_parallel._Pool(2, "gloo")
+    try:
+        cases = cases_parallel._exchange_cases(pool, torch.device("cpu"), quick=True) + \
+            cases_parallel._step_cases(pool, quick=True)
+        assert [c.name.split(" on ")[0].split(" step")[0] for c in cases] == [
+            "CFG", "CFG+PAG+SEG", "CFG+PAG+SEG+SLG", "tiny Wan CFG", "tiny Wan CFG+PAG+SEG+SLG"]
+        for case in cases:
+            for provider in case.providers:
+                provider.fn()
+        assert all(case.goal_check(None) for case in cases[:3])
+        with pytest.raises(RuntimeError, match=r"rank \d: AttributeError: .*rank \d: AttributeError") as info:
+            pool(("exchange", "ours", (("a",), ("b",)), (4,), "no_such_dtype"))  # every worker reports
+        assert "rank 0" in str(info.value) and "rank 1" in str(info.value)
+    finally:
+        pool.close()
+    assert not any(p.is_alive() for p in pool.procs)
+
+
 # --------------------------------------------------------------------------- the multi-process job
 
 

@@ -17,7 +17,7 @@ import torch
 
 from . import harness
 
-FAMILIES = ["guidance_combine", "sag", "guided_attention", "diffusers", "dit", "comfyui"]
+FAMILIES = ["guidance_combine", "sag", "guided_attention", "diffusers", "dit", "comfyui", "parallel"]
 
 
 def collect(device: torch.device, quick: bool, ops: list[str] | None = None) -> list[harness.Case]:
