@@ -317,9 +317,9 @@ def _worker(rank: int, world: int, init: str) -> None:
         _emit(case="compile", rank=rank, frames=counter.frame_count,
               rel=max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(outs, eager)))
         par = P.BranchParallel(groups[2])
-        mine = torch.arange(5.0) + 10 * rank
-        compiled = torch.compile(par._collect, fullgraph=True, backend="aot_eager")(mine, [5, 5])
-        _emit(case="collect", rank=rank, equal=torch.equal(compiled, par._collect(mine, [5, 5])),
+        send = torch.cat([torch.arange(5.0) + 10 * rank] * 2)  # the same 5 elements to both ranks
+        compiled = torch.compile(par._collect, fullgraph=True, backend="aot_eager")(send, [5, 5])
+        _emit(case="collect", rank=rank, equal=torch.equal(compiled, par._collect(send, [5, 5])),
               values=compiled.tolist())
 
     # a rank whose share raises (in its forward, not in the FLOP count on meta tensors that plans

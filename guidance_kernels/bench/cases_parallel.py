@@ -130,26 +130,30 @@ def _prepare(task, rank: int, size: int, device):
         _, scheme, groups, shape, dtype_name = task
         dtype = getattr(torch, dtype_name)
         numel = math.prod(shape)
-        mine = torch.randn(len(groups[rank]) * numel, device=device).to(dtype)
+        # every scheme starts from the rank's predictions and allocates what it receives, per step
+        parts = [torch.randn(numel, device=device).to(dtype) for _ in groups[rank]]
         if scheme == "ours":
             par = BranchParallel(dist.group.WORLD)
             lengths = [BranchParallel._length(len(g), numel, dtype) for g in groups]
-            padded = torch.cat([mine, mine.new_zeros(lengths[rank] - mine.numel())])
-            return lambda: par._collect(padded, lengths)
+
+            def ours():
+                pieces = parts + [torch.zeros(lengths[rank] - len(parts) * numel, device=device, dtype=dtype)]
+                return par._collect(torch.cat(pieces * size), lengths)
+
+            return ours
         slots = max(len(g) for g in groups)
-        if scheme == "xdit":
-            send = torch.cat([mine, mine.new_zeros((slots - len(groups[rank])) * numel)])
-            out = send.new_empty(size * send.numel())
-            return lambda: dist.all_gather_into_tensor(out, send)
-        full = torch.cat([mine.float(), torch.zeros((slots - len(groups[rank])) * numel, device=device)])
-        parts = full.chunk(slots)
-        outs = [torch.empty(size * numel, device=device) for _ in range(slots)]
+        pad = [torch.zeros(numel, device=device, dtype=dtype)] * (slots - len(parts))
 
-        def per_slot():
-            for out, part in zip(outs, parts):
-                dist.all_gather_into_tensor(out, part)
+        def xdit():  # one all-gather of the rank's slots, padded to the busiest rank's count
+            send = torch.cat(parts + pad)
+            dist.all_gather_into_tensor(send.new_empty(size * send.numel()), send)
 
-        return per_slot
+        def sglang():  # one all-gather per slot, in fp32
+            for part in parts + pad:
+                part = part.float()
+                dist.all_gather_into_tensor(part.new_empty(size * numel), part)
+
+        return xdit if scheme == "xdit" else sglang
     _, options, scales, fork = task
     den, call = _step_denoiser(device, dict(options), dict(fork=fork), dist.group.WORLD)
     return lambda: call(den, dict(scales))

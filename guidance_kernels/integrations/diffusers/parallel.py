@@ -250,8 +250,8 @@ class BranchParallel:
         shape, device = tuple(shape), torch.device(device)
         numel = math.prod(shape)
         if self.group is None:
-            flat = torch.cat([self._pack(self._share(placement, r, compute, shape, dtype), placement, r, numel,
-                                         dtype, device) for r in range(self.size)])
+            flat = torch.cat([piece for r in range(self.size) for piece in self._contribution(
+                self._share(placement, r, compute, shape, dtype), placement, r, numel, dtype, device)])
         else:
             try:
                 local = self._share(placement, self.rank, compute, shape, dtype)
@@ -285,34 +285,29 @@ class BranchParallel:
         align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
         return -(-(count * numel + 1) // align) * align
 
-    def _pack(self, parts, placement, rank, numel, dtype, device, *, status: float = 0.0) -> torch.Tensor:
-        """One rank's contribution: its predictions flat, then the status in the last element."""
+    def _contribution(self, parts, placement, rank, numel, dtype, device, *, status: float = 0.0) -> list:
+        """One rank's contribution, as pieces: its predictions flat, then zeros (to a 128-byte
+        boundary) ending in the status element."""
         length = self._length(len(placement.groups[rank]), numel, dtype)
-        if parts:
-            tail = torch.zeros(length - len(parts) * numel, dtype=dtype, device=device)
-            tail[-1] = status
-            return torch.cat([p.reshape(-1) for p in parts] + [tail])
-        tail = torch.zeros(length, dtype=dtype, device=device)
+        tail = torch.zeros(length - len(parts) * numel, dtype=dtype, device=device)
         tail[-1] = status
-        return tail
+        return [p.reshape(-1) for p in parts] + [tail]
 
-    def _failure_contribution(self, exc, placement, numel, dtype, device) -> torch.Tensor:
+    def _failure_contribution(self, exc, placement, numel, dtype, device) -> list:
         """A failed rank's contribution: status FAILED and, in its predictions' place, its error text."""
-        contribution = self._pack([], placement, self.rank, numel, dtype, device, status=FAILED)
+        (tail,) = self._contribution([], placement, self.rank, numel, dtype, device, status=FAILED)
         text = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
-        room = (contribution.numel() - 1) * contribution.element_size() - 1
+        room = (tail.numel() - 1) * tail.element_size() - 1
         if room > 0:
-            raw = contribution.view(torch.uint8)
             data = torch.frombuffer(bytearray(text[:room]), dtype=torch.uint8)
-            raw[:data.numel()] = data.to(device)
-        return contribution
+            tail.view(torch.uint8)[:data.numel()] = data.to(device)
+        return [tail]
 
-    def _collect(self, mine: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        """The step's one collective: ``mine`` to every rank, everyone's contributions back,
-        concatenated in rank order (``lengths``: each rank's contribution). Traceable by
-        torch.compile (the c10d call becomes a functional collective)."""
-        send = mine.repeat(self.size)  # the same bytes for every rank (itself included)
-        flat = mine.new_empty(sum(lengths))
+    def _collect(self, send: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """The step's one collective: ``send`` holds this rank's contribution once per rank (itself
+        included); returns everyone's contributions concatenated in rank order (``lengths``: each
+        rank's). Traceable by torch.compile (the c10d call becomes a functional collective)."""
+        flat = send.new_empty(sum(lengths))
         dist.all_to_all_single(flat, send, output_split_sizes=lengths,
                                input_split_sizes=[lengths[self.rank]] * self.size, group=self.group)
         return flat
@@ -321,10 +316,10 @@ class BranchParallel:
         lengths = [self._length(len(g), numel, dtype) for g in placement.groups]
         try:
             if failure is None:
-                mine = self._pack(local, placement, self.rank, numel, dtype, device)
+                pieces = self._contribution(local, placement, self.rank, numel, dtype, device)
             else:
-                mine = self._failure_contribution(failure, placement, numel, dtype, device)
-            flat = self._collect(mine, lengths)
+                pieces = self._failure_contribution(failure, placement, numel, dtype, device)
+            flat = self._collect(torch.cat(pieces * self.size), lengths)  # one copy per destination
         except BaseException as exc:  # noqa: BLE001
             if failure is not None:
                 raise failure from None
