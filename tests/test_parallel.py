@@ -194,6 +194,13 @@ def test_one_rank_is_the_plain_batched_step_and_per_branch_ranks_are_the_plain_p
     scales = SCALES["sag_pag" if family == "unet" else "slg"]
     plain = _denoise(model, call, options, scales)
     assert torch.equal(_denoise(model, call, options, scales, process_group=P.BranchParallel(size=1)), plain)
+    par = P.BranchParallel(size=2)
+    torch.testing.assert_close(_denoise(model, call, options, scales, process_group=par), plain, rtol=1e-5, atol=1e-5)
+    (placement,) = par.placements
+    if family == "unet":  # SAG stays with uncond (its map and prediction), PAG forks on cond's rank
+        assert placement.groups == (("uncond", "sag"), ("cond", "pag")) and placement.forked == {"pag"}
+    else:  # SEG forks at block 0 (no saving): whole on uncond's rank; PAG and SLG fork
+        assert placement.groups == (("uncond", "seg"), ("cond", "pag", "slg")), placement
     plain = _denoise(model, call, options, scales, per_branch=True)
     for size in (2, 3):
         got = _denoise(model, call, options, scales, per_branch=True, process_group=P.BranchParallel(size=size))

@@ -66,6 +66,7 @@ import torch.distributed as dist
 MAX_BRANCHES = 10  # placements are found by enumerating partitions (Bell(10) = 115 975)
 _ALIGN_BYTES = 128  # each rank's contribution starts this aligned in the exchange buffer
 FAILED = 1.0  # the status element of a rank whose share raised
+_TEXT_BYTES = 4096  # at most this much of a failed rank's error text is relayed
 
 
 class BranchParallelError(RuntimeError):
@@ -230,6 +231,12 @@ class BranchParallel:
         where = "emulated in one process" if self.group is None else f"rank {self.rank}"
         return f"BranchParallel(size={self.size}, {where})"
 
+    @property
+    def placements(self) -> list[Placement]:
+        """The placements made so far (one per branch set and cost), e.g. to see where a
+        GuidedDenoiser's branches ran: ``den.parallel.placements``."""
+        return list(self._placements.values())
+
     def place(self, branches) -> Placement:
         """:func:`place` on this group's size, cached per branch list."""
         branches = tuple(branches)
@@ -282,7 +289,7 @@ class BranchParallel:
     @staticmethod
     def _length(count: int, numel: int, dtype) -> int:
         """Elements of one rank's contribution: its predictions, a status element, padding."""
-        align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        align = max(1, _ALIGN_BYTES // dtype.itemsize)
         return -(-(count * numel + 1) // align) * align
 
     def _contribution(self, parts, placement, rank, numel, dtype, device, *, status: float = 0.0) -> list:
@@ -297,7 +304,7 @@ class BranchParallel:
         """A failed rank's contribution: status FAILED and, in its predictions' place, its error text."""
         (tail,) = self._contribution([], placement, self.rank, numel, dtype, device, status=FAILED)
         text = f"{type(exc).__name__}: {exc}".encode("utf-8", "replace")
-        room = (tail.numel() - 1) * tail.element_size() - 1
+        room = min(_TEXT_BYTES, (tail.numel() - 1) * tail.element_size()) - 1  # NUL-terminated
         if room > 0:
             data = torch.frombuffer(bytearray(text[:room]), dtype=torch.uint8)
             tail.view(torch.uint8)[:data.numel()] = data.to(device)
@@ -333,7 +340,7 @@ class BranchParallel:
             failed = [r for r, s in enumerate(status.tolist()) if s != 0]
             if failed:
                 r = failed[0]
-                raw = flat[starts[r]:starts[r] + lengths[r] - 1].view(torch.uint8)
+                raw = flat[starts[r]:starts[r] + lengths[r] - 1].view(torch.uint8)[:_TEXT_BYTES]
                 text = bytes(raw.tolist()).split(b"\0", 1)[0].decode("utf-8", "replace")
                 raise BranchParallelError(f"BranchParallel: rank {r} of the process group failed in its share of the "
                                           f"step: {text}", rank=r)
