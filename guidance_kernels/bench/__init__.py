@@ -25,7 +25,7 @@ import torch
 from . import harness, report
 
 FAMILIES = ["guidance_combine", "gaussian_blur_2d", "guided_attention", "attention_key_mass", "sag_degrade",
-            "diffusers", "dit", "comfyui"]
+            "diffusers", "dit", "comfyui", "parallel"]
 
 
 def family_module(family: str) -> ModuleType:

@@ -49,6 +49,7 @@ import guidance_kernels as gk
 from guidance_kernels import _checks
 
 from . import layers as _layers
+from . import parallel as _parallel
 from .dit_processors import (GuidedFluxAttnProcessor, GuidedHunyuanVideoAttnProcessor, GuidedLTXAttnProcessor,
                              GuidedWanAttnProcessor)
 from .fork import SKIP_MODES, BranchPlan, ForwardState, Perturbation, install_routers, plan_branches
@@ -123,13 +124,19 @@ class GuidedDenoiser:
             :mod:`.ops` (per-row SDPA, conv2d query blur, explicit attention map for SAG, eager
             combine) instead of the fused ops. The no-kernels baseline of the example and the
             benchmark; use ``fork=False`` with it for the stock batched forward.
+        process_group: share the step's branches out over the ranks of a ``torch.distributed``
+            process group (NCCL on GPUs, gloo on CPU), or a :class:`~.parallel.BranchParallel`
+            (e.g. ``BranchParallel(size=N)``: the single-process run with an N-rank run's model
+            calls). Every rank returns the same guided prediction; call the denoiser with the same
+            arguments on every rank. See :mod:`.parallel`.
     """
 
     def __init__(self, model: torch.nn.Module, *, pag_layers=None, seg_layers=None, slg_layers=None,
                  slg_skip: str = "block", seg_sigma: float = 9999999.0, seg_blur: str = "frame", sag: bool = False,
                  sag_blur_sigma: float = 1.0, fork: bool = True, per_branch: bool = False, scheduler: Any = None,
-                 reference: bool = False):
+                 reference: bool = False, process_group=None):
         self.family: Family = require_family(FN, model)
+        self.parallel = _parallel.resolve(FN, process_group)
         self.model = model
         self.unet = self.family.is_unet
         seg_sigma = _checks.sigma(FN, "seg_sigma", seg_sigma)
@@ -274,9 +281,11 @@ class GuidedDenoiser:
         key = (tuple(kinds), batch)
         if key not in self._plans:  # one plan object per branch set: the compiled model's guards stay stable
             perturbations = {k: self._perturbation(k) for k in kinds if k in ("pag", "seg", "slg")}
-            self._plans[key] = plan_branches(self.blocks, kinds, perturbations, batch,
-                                             fork=self.fork and not self.per_branch, modules=self._skip_modules,
-                                             layers=self._layer_blocks)
+            # Perturbed branches fork from cond only inside a call that holds cond (a rank of a
+            # process group may hold a perturbed branch without it: it then runs whole).
+            fork = self.fork and not self.per_branch and "cond" in kinds
+            self._plans[key] = plan_branches(self.blocks, kinds, perturbations, batch, fork=fork,
+                                             modules=self._skip_modules, layers=self._layer_blocks)
         return self._plans[key]
 
     # ------------------------------------------------------------------ one step
@@ -334,16 +343,15 @@ class GuidedDenoiser:
             raise ValueError(f"{FN}: combine={combine!r} needs CFG alone (no PAG/SEG/SLG/SAG branches)")
         plan = self._plan(kinds, b)
         self._set_grids(sample, model_kwargs, token_grid, encoder_hidden_states, seg=on["seg"])
-        self.state.sag_capture = sag
-        try:
-            branches = self._forward_branches(plan, sample, timestep, inputs, model_kwargs)
-            index = {k: i for i, k in enumerate(plan.kinds)}
-            if sag:
-                base = "uncond" if cfg else "cond"
-                branches.append(self._sag_degraded(sample, timestep, branches[index[base]], inputs[base],
-                                                   model_kwargs))
-        finally:
-            self.state.plan, self.state.sag_mass, self.state.sag_capture = None, None, False
+        sag_base = ("uncond" if cfg else "cond") if sag else None
+        order = plan.kinds + (("sag",) if sag else ())  # the combine's branch order
+        if self.parallel is None:
+            out = self._compute_branches(plan.kinds, sample, timestep, inputs, model_kwargs, sag_base)
+            branches = [out[k] for k in order]
+        else:
+            branches = _parallel.denoiser_branches(self.parallel, self, order, sag_base, sample, timestep, inputs,
+                                                   model_kwargs)
+        index = {k: i for i, k in enumerate(plan.kinds)}
         return self._combine(branches, index, cfg, sag, combine, combine_kwargs, guidance_scale=guidance_scale,
                              pag=pag_scale, seg=seg_scale, slg=slg_scale, sag_scale=sag_scale,
                              rescale=guidance_rescale)
@@ -407,18 +415,32 @@ class GuidedDenoiser:
         if given is None and self.family.name == "flux" and isinstance(ids, torch.Tensor):
             self._grid_ids = (weakref.ref(ids), ids._version, sample.shape[1], state.token_grid)
 
-    def _forward_branches(self, plan: BranchPlan, sample, timestep, inputs, model_kwargs) -> list[torch.Tensor]:
-        if not self.per_branch:
-            self.state.plan = plan
-            return list(self._forward(plan.kinds, sample, timestep, inputs, model_kwargs).chunk(len(plan.kinds)))
-        out = []
-        for kind in plan.kinds:  # one call per branch, each with a one-branch plan (its own perturbation)
-            self.state.plan = self._plan([kind], sample.shape[0])
-            out.append(self._forward((kind,), sample, timestep, inputs, model_kwargs))
+    def _compute_branches(self, kinds, sample, timestep, inputs, model_kwargs, sag_base=None) -> dict:
+        """The predictions of the branches ``kinds`` in this process: one batched call (perturbed
+        branches forked from cond when cond is among them), or one call per branch with
+        ``per_branch``; then SAG's degraded branch when ``sag_base`` (the branch whose key mass and
+        prediction it uses) is among ``kinds``. Returns kind -> ``(B, …)``, ``"sag"`` the degraded one."""
+        b = sample.shape[0]
+        plan = self._plan(list(kinds), b)
+        calls = [(k,) for k in plan.kinds] if self.per_branch else [plan.kinds]
+        out = {}
+        try:
+            for call in calls:  # per branch: a one-branch plan each (its own perturbation)
+                self.state.plan = self._plan(list(call), b) if self.per_branch else plan
+                self.state.sag_capture = sag_base in call  # the key mass of the SAG base's own rows only
+                out.update(zip(call, self._forward(call, sample, timestep, inputs, model_kwargs).chunk(len(call))))
+            if sag_base in out:
+                out["sag"] = self._sag_degraded(sample, timestep, out[sag_base], inputs[sag_base], model_kwargs)
+        finally:
+            self.state.plan, self.state.sag_mass, self.state.sag_capture = None, None, False
         return out
 
     def _forward(self, kinds, sample, timestep, inputs, model_kwargs) -> torch.Tensor:
         """One model call on the branches ``kinds`` (their conditioning concatenated)."""
+        return self.model(**self._model_args(kinds, sample, timestep, inputs, model_kwargs), return_dict=False)[0]
+
+    def _model_args(self, kinds, sample, timestep, inputs, model_kwargs) -> dict:
+        """The model's keyword arguments for one call on the branches ``kinds``."""
         n, b = len(kinds), sample.shape[0]
         per = [inputs["uncond" if k == "uncond" else "cond"] for k in kinds]
         args = {self.family.sample_arg: _repeat(sample, n), "timestep": self._timesteps(timestep, b, n, sample)}
@@ -433,7 +455,7 @@ class GuidedDenoiser:
             per_sample = name in self.family.per_sample_kwargs and isinstance(value, torch.Tensor) and \
                 value.dim() > 0 and value.shape[0] == b
             args[name] = _repeat(value, n) if per_sample else value
-        return self.model(**args, return_dict=False)[0]
+        return args
 
     def _timesteps(self, timestep, b: int, n: int, sample):
         if self.unet:  # UNets broadcast a scalar timestep themselves
