@@ -43,6 +43,7 @@ from .fork import BranchPlan, ForwardState, install_routers, plan_branches
 from .layers import select_blocks, select_layers, self_attention_layers, top_level_blocks
 from .models import SUPPORTED
 from .ops import FUSED, REFERENCE, Ops
+from .parallel import BranchParallel, BranchParallelError
 from .processors import (
     GuidedAttnProcessor,
     GuidedJointAttnProcessor,
@@ -55,6 +56,8 @@ from .processors import (
 __all__ = [
     "enable",
     "GuidedDenoiser",
+    "BranchParallel",
+    "BranchParallelError",
     "SAG_LAYER",
     "SUPPORTED",
     "select_layers",
