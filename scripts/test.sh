@@ -49,8 +49,18 @@ PY
   export GK_TORCH_CUDA_INCLUDE
 fi
 
+# pytest-xdist (from the [test] extra) runs the tests on every core (GK_TEST_WORKERS=N to choose, 0 for
+# one process); --dist loadgroup keeps the modules that build something expensive once on one worker
+# (tests/conftest.py: ONE_WORKER_MODULES).
+workers() {
+  if [ "${GK_TEST_WORKERS:-auto}" != "0" ] && "$1" -c "import xdist" >/dev/null 2>&1; then
+    echo "-n ${GK_TEST_WORKERS:-auto} --dist loadgroup"
+  fi
+}
+
 echo "[test] main suite ($("$PY" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)' 2>/dev/null || echo "$PY"))"
-"$PY" -m pytest tests "$@"
+# shellcheck disable=SC2046
+"$PY" -m pytest tests $(workers "$PY") "$@"
 
 if [ -n "$COMPAT" ]; then
   # -m "not nvcc": the nvcc / launcher lanes depend on neither version and ran above; the extension
@@ -65,5 +75,6 @@ if [ -n "$COMPAT" ]; then
     exit 1
   fi
   echo "[test] the suite under torch 2.11 + triton 3.6, without diffusers (+ extension lane, GPU kit rehearsal)"
-  "$COMPAT/bin/python" -m pytest tests -m "not nvcc" "$@"
+  # shellcheck disable=SC2046
+  "$COMPAT/bin/python" -m pytest tests -m "not nvcc" $(workers "$COMPAT/bin/python") "$@"
 fi

@@ -80,11 +80,20 @@ def does_cuda_work(item) -> bool:
     return function is not None and _names_cuda(function.__code__)
 
 
+ONE_WORKER_MODULES = {"test_compile_lanes", "test_extension_build", "test_guidance_combine_host",
+                      "test_sag_degrade_host", "test_comfyui", "test_gpu_kit", "test_parallel"}
+
+
 def pytest_collection_modifyitems(config, items):
     # ``-m gpu`` is the GPU lane: explicitly marked tests (skipped without a GPU) and, where a GPU is
     # present, every test that does CUDA work (the GPU run selects exactly these).
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
+        module = item.module.__name__ if item.module is not None else ""
+        if module in ONE_WORKER_MODULES:
+            # with pytest-xdist (--dist loadgroup): these modules build something expensive once per
+            # module (compiled lanes, the extension, host emulators, ComfyUI models): one worker each
+            item.add_marker(pytest.mark.xdist_group(module))
         if HAS_CUDA and does_cuda_work(item):
             item.add_marker(pytest.mark.gpu)
         if "gpu" in item.keywords and not HAS_CUDA:
