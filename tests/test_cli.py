@@ -21,7 +21,9 @@ HAS_MATPLOTLIB = __import__("importlib").util.find_spec("matplotlib") is not Non
 
 
 def _python_env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    # without pytest-xdist's worker variables: a pytest run started from a worker is not one of its workers
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    return dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
 
 
 def test_info_prints_every_op_with_its_status_and_a_matrix_per_dtype():

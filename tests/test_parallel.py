@@ -269,7 +269,7 @@ def test_parallel_bench_cases_run_on_a_cpu_pool():
         for case in cases:
             for provider in case.providers:
                 provider.fn()
-        assert all(case.goal_check(None) for case in cases[:3])
+        assert all(case.report(None)[0].endswith(": yes") for case in cases[:3])  # bytes ≤ all-gather schemes
         with pytest.raises(RuntimeError, match=r"rank \d: AttributeError: .*rank \d: AttributeError") as info:
             pool(("exchange", "ours", (("a",), ("b",)), (4,), "no_such_dtype"))  # every worker reports
         assert "rank 0" in str(info.value) and "rank 1" in str(info.value)
