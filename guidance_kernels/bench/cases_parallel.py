@@ -23,6 +23,7 @@ the step times mostly overheads. The multi-GPU plan is in ``benchmarks/parallel.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import math
 import os
 import tempfile
@@ -297,6 +298,8 @@ def cases(setup: Setup) -> list[Case]:
     else:
         pool = _Pool(2 if quick else max(2, min(4, (os.cpu_count() or 2) // 2)), "gloo")
     out = _exchange_cases(pool, device, quick)
-    if pool.backend == "gloo":  # the step cases use a tiny model: meaningful on CPU only
+    # the step cases use a tiny diffusers Wan: meaningful on CPU only, and only where diffusers is
+    # installed (the GPU image has none; the exchange cases need nothing beyond torch)
+    if pool.backend == "gloo" and importlib.util.find_spec("diffusers") is not None:
         out += _step_cases(pool, quick)
     return out
