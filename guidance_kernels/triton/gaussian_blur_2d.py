@@ -102,29 +102,32 @@ def _blur_kernel(out_ptr, x_ptr, w_ptr, items_ptr, G, D, H, W, pad, ksize, rows,
     offs_y = ty * BLOCK_Y + tl.arange(0, BLOCK_Y)
     offs_x = tx * BLOCK_X + tl.arange(0, BLOCK_X)
     offs_j = tj * BLOCK_J + tl.arange(0, BLOCK_J)
-    col_mask = (offs_x < W)[:, None] & (offs_j < D)[None, :]
-    j_off = offs_j.to(tl.int64)[None, :] * sxj
+    # Every block is 3-D (row, column, channel) in one layout: a source row is a [1, X, J] block
+    # broadcast over the output rows, so the loops convert no layouts (a [X, J] row converted to
+    # the accumulator's layout every trip made ptxas keep a stack frame on sm_90, Triton 3.6).
+    col_mask = (offs_x < W)[None, :, None] & (offs_j < D)[None, None, :]
+    j_off = offs_j.to(tl.int64)[None, None, :] * sxj
     acc = tl.zeros([BLOCK_Y, BLOCK_X, BLOCK_J], dtype=tl.float32)
     y0 = ty * BLOCK_Y
     # `rows` = BLOCK_Y + 2·pad is a plain integer trip count (Triton 3.6 interpreter friendly).
     for r in range(0, rows):
         p = y0 - pad + r  # padded row; p >= -pad always, rows past H - 1 + pad feed no output row
         # (a block comparison, not `col_mask & scalar`: Triton 3.9's interpreter rejects that mask)
-        row_mask = col_mask & ((offs_x * 0 + p) < H + pad)[:, None]
+        row_mask = col_mask & ((offs_x * 0 + p) < H + pad)[None, :, None]
         row_base = x_base + _reflect(p, H).to(tl.int64) * sxy
-        hrow = tl.zeros([BLOCK_X, BLOCK_J], dtype=tl.float32)
+        hrow = tl.zeros([1, BLOCK_X, BLOCK_J], dtype=tl.float32)
         for t in range(0, ksize):
             col = _reflect(offs_x + (t - pad), W)
-            val = tl.load(row_base + col.to(tl.int64)[:, None] * sxx + j_off, mask=row_mask, other=0.0)
+            val = tl.load(row_base + col.to(tl.int64)[None, :, None] * sxx + j_off, mask=row_mask, other=0.0)
             hrow += tl.load(w_ptr + t) * val.to(tl.float32)
         dy = p - offs_y
         in_kernel = (dy >= -pad) & (dy <= pad)
         wy = tl.load(w_ptr + pad + dy, mask=in_kernel, other=0.0)
         # rows outside an output row's kernel add nothing (not 0·x: an inf there would give NaN)
-        acc += tl.where(in_kernel[:, None, None], wy[:, None, None] * hrow[None, :, :], 0.0)
+        acc += tl.where(in_kernel[:, None, None], wy[:, None, None] * hrow, 0.0)
     o_ptrs = (o_base + offs_y.to(tl.int64)[:, None, None] * soy + offs_x.to(tl.int64)[None, :, None] * sox
               + offs_j.to(tl.int64)[None, None, :] * soj)
-    o_mask = (offs_y < H)[:, None, None] & col_mask[None, :, :]
+    o_mask = (offs_y < H)[:, None, None] & col_mask
     tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
