@@ -217,13 +217,16 @@ void guidance_combine_cuda(const at::Tensor& out, const std::vector<at::Tensor>&
 void projected_combine_cuda(const at::Tensor& out, const at::Tensor& cond, const at::Tensor& uncond,
                             const std::optional<at::Tensor>& momentum_buffer, int64_t kind, int64_t formulation,
                             double scale, const std::optional<at::Tensor>& scale_tensor, double eta,
-                            double norm_threshold, double momentum, bool rescale, double phi,
+                            double norm_threshold, double momentum, double alpha, bool rescale, double phi,
                             const std::optional<at::Tensor>& phi_tensor, const std::vector<int64_t>& geometry,
                             int64_t parts, int64_t chunk) {
-  const char* fn = kind == gc::kApg ? "apg_combine (cuda)" : "cfg_zero_star_combine (cuda)";
-  TORCH_CHECK(kind == gc::kApg || kind == gc::kCfgZeroStar, "projected_combine (cuda): kind must be 1 (APG) or 2 "
-              "(CFG-Zero*), got ", kind);
-  TORCH_CHECK(kind == gc::kApg ? (formulation >= 0 && formulation <= 2) : (formulation == 0 || formulation == 1),
+  static const char* const names[] = {"projected_combine (cuda)", "apg_combine (cuda)", "cfg_zero_star_combine (cuda)",
+                                      "tcfg_combine (cuda)", "mag_combine (cuda)"};
+  TORCH_CHECK(kind >= gc::kApg && kind <= gc::kMag, "projected_combine (cuda): kind must be 1 (APG), 2 (CFG-Zero*), "
+              "3 (TCFG) or 4 (MAG), got ", kind);
+  const char* fn = names[kind];
+  TORCH_CHECK(kind == gc::kApg ? (formulation >= gc::kPaper && formulation <= gc::kCfgOriginal)
+                               : (formulation == 0 || formulation == 1),
               fn, ": formulation ", formulation, " out of range");
   TORCH_CHECK(kind == gc::kApg || !momentum_buffer.has_value(), fn, ": only APG takes a momentum buffer");
   TORCH_CHECK(out.is_cuda(), fn, ": out must be a CUDA tensor");
@@ -252,6 +255,7 @@ void projected_combine_cuda(const at::Tensor& out, const at::Tensor& cond, const
   p.gain_number = static_cast<float>(kind == gc::kApg && formulation == gc::kPaper ? scale - 1.0 : scale);
   p.eta = static_cast<float>(eta);
   p.threshold = static_cast<float>(norm_threshold);
+  p.alpha = static_cast<float>(alpha);
   p.formulation = static_cast<int32_t>(formulation);
   p.rescale = rescale;
   if (rescale) {
@@ -291,6 +295,10 @@ void projected_combine_cuda(const at::Tensor& out, const at::Tensor& cond, const
     using ApgTag = std::integral_constant<int, gc::kApg>;
     if (kind == gc::kCfgZeroStar) {
       with_path(std::integral_constant<int, gc::kCfgZeroStar>{}, TypeTag<NoBuffer>{});
+    } else if (kind == gc::kTcfg) {
+      with_path(std::integral_constant<int, gc::kTcfg>{}, TypeTag<NoBuffer>{});
+    } else if (kind == gc::kMag) {
+      with_path(std::integral_constant<int, gc::kMag>{}, TypeTag<NoBuffer>{});
     } else if (!momentum_buffer.has_value()) {
       with_path(ApgTag{}, TypeTag<NoBuffer>{});
     } else if (buffer_float) {

@@ -22,12 +22,13 @@ void guidance_combine_cuda(const at::Tensor& out, const std::vector<at::Tensor>&
                            double phi, const std::optional<at::Tensor>& phi_tensor,
                            const std::vector<int64_t>& geometry, int64_t parts, int64_t chunk);
 
-// APG (kind 1; formulation 0 paper, 1 diffusers, 2 diffusers_original; optional momentum buffer
-// updated in place) or CFG-Zero* (kind 2; formulation 1 = original). Always two launches.
+// APG (kind 1; formulation 0 paper, 1 diffusers, 2 diffusers_original, 3 cfg, 4 cfg_original;
+// optional momentum buffer updated in place), CFG-Zero* (kind 2), TCFG (kind 3) or MAG (kind 4,
+// with alpha); for kinds 2-4 formulation 1 = original. Always two launches.
 void projected_combine_cuda(const at::Tensor& out, const at::Tensor& cond, const at::Tensor& uncond,
                             const std::optional<at::Tensor>& momentum_buffer, int64_t kind, int64_t formulation,
                             double scale, const std::optional<at::Tensor>& scale_tensor, double eta,
-                            double norm_threshold, double momentum, bool rescale, double phi,
+                            double norm_threshold, double momentum, double alpha, bool rescale, double phi,
                             const std::optional<at::Tensor>& phi_tensor, const std::vector<int64_t>& geometry,
                             int64_t parts, int64_t chunk);
 

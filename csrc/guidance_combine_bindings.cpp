@@ -14,9 +14,10 @@ void register_guidance_combine(pybind11::module_& m) {
         py::arg("scale_tensors"), py::arg("rescale"), py::arg("ref"), py::arg("phi"), py::arg("phi_tensor"),
         py::arg("geometry"), py::arg("parts"), py::arg("chunk"));
   m.def("projected_combine", &projected_combine_cuda,
-        "APG (kind 1) or CFG-Zero* (kind 2) with optional rescale; two launches", py::arg("out"), py::arg("cond"),
-        py::arg("uncond"), py::arg("momentum_buffer"), py::arg("kind"), py::arg("formulation"), py::arg("scale"),
-        py::arg("scale_tensor"), py::arg("eta"), py::arg("norm_threshold"), py::arg("momentum"), py::arg("rescale"),
+        "APG (kind 1), CFG-Zero* (2), TCFG (3) or MAG (4) with optional rescale; two launches", py::arg("out"),
+        py::arg("cond"), py::arg("uncond"), py::arg("momentum_buffer"), py::arg("kind"), py::arg("formulation"),
+        py::arg("scale"), py::arg("scale_tensor"), py::arg("eta"), py::arg("norm_threshold"), py::arg("momentum"),
+        py::arg("alpha"), py::arg("rescale"),
         py::arg("phi"), py::arg("phi_tensor"), py::arg("geometry"), py::arg("parts"), py::arg("chunk"));
   m.attr("GUIDANCE_COMBINE_TILE") = guidance_combine_tile();
 }

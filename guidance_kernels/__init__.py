@@ -9,7 +9,8 @@ from ._version import __version__
 from .backends import BackendError, use_backend
 from .ops.attention_key_mass import attention_key_mass
 from .ops.gaussian_blur_2d import gaussian_blur_2d
-from .ops.guidance_combine import apg_combine, apg_momentum_buffer, cfg_zero_star_combine, guidance_combine
+from .ops.guidance_combine import (apg_combine, apg_mix, apg_momentum_buffer, cfg_zero_star_combine, guidance_combine,
+                                   mag_combine, tcfg_combine)
 from .ops.guided_attention import guided_attention
 from .ops.sag_degrade import sag_degrade, sag_map_grid
 from .sag_masks import attention_mask, global_mask, high_frequency_mask, random_patch_mask, square_patch_mask
@@ -37,6 +38,9 @@ __all__ = [
     "apg_combine",
     "apg_momentum_buffer",
     "cfg_zero_star_combine",
+    "tcfg_combine",
+    "mag_combine",
+    "apg_mix",
     "gaussian_blur_2d",
     "guided_attention",
     "Guidance",

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+FP32_MAX = 3.4028234663852886e38  # kernels compute in float32: a larger scale would become inf
 
 
 def fail(fn: str, arg: str, message: str, exc: type[Exception] = ValueError) -> None:
@@ -106,12 +107,22 @@ def finite_number(fn: str, arg: str, value, *, minimum: float | None = None,
     return value
 
 
-def scale(fn: str, arg: str, value, batch: int, device: torch.device) -> tuple[float, torch.Tensor | None]:
-    """A guidance scale: a finite Python number, or a float tensor of shape (), (1,) or (batch,)
-    on ``device``. Returns ``(number, None)`` or ``(0.0, fp32 tensor of shape (1,) or (batch,))``
-    (always the tensor form while torch.compile traces)."""
+def fp32_number(fn: str, arg: str, value, *, minimum: float | None = None) -> float:
+    """A finite Python number that float32 can hold (the kernels' arithmetic): ``|value| <= 3.4e38``."""
+    value = finite_number(fn, arg, value, minimum=minimum)
+    if not is_compiling() and abs(value) > FP32_MAX:
+        fail(fn, arg, f"{value:g} is beyond the float32 range (|x| <= {FP32_MAX:.4g}) the kernels compute in")
+    return value
+
+
+def scale(fn: str, arg: str, value, batch: int, device: torch.device, *,
+          minimum: float | None = None) -> tuple[float, torch.Tensor | None]:
+    """A guidance scale: a finite Python number within the float32 range, or a float tensor of
+    shape (), (1,) or (batch,) on ``device``. Returns ``(number, None)`` or ``(0.0, fp32 tensor of
+    shape (1,) or (batch,))`` (always the tensor form while torch.compile traces). ``minimum``
+    bounds numbers and the values of CPU tensors (device tensors are never read: no host sync)."""
     if not isinstance(value, torch.Tensor):
-        number = finite_number(fn, arg, value)
+        number = fp32_number(fn, arg, value, minimum=minimum)
         if is_compiling():
             # Custom ops specialise their float arguments (a recompile per value); a tensor built
             # from the traced number is a graph input instead, so a per-step scale compiles once.
@@ -124,10 +135,14 @@ def scale(fn: str, arg: str, value, batch: int, device: torch.device) -> tuple[f
     if value.numel() not in (1, batch) or value.dim() > 1:
         fail(fn, arg, f"scale tensor must have shape (), (1,) or ({batch},) (one per sample), "
                       f"got {tuple(value.shape)}")
-    if value.device.type == "cpu" and not is_compiling() and not bool(torch.isfinite(value).all()):
-        fail(fn, arg, "scale tensor contains NaN or inf")
     # Contiguous: kernels read a per-sample scale at b * stride with stride 1 (or 0 for one value).
-    return 0.0, value.reshape(-1).to(torch.float32).contiguous()
+    as_fp32 = value.reshape(-1).to(torch.float32).contiguous()
+    if value.device.type == "cpu" and not is_compiling():
+        if not bool(torch.isfinite(as_fp32).all()):
+            fail(fn, arg, "scale tensor contains NaN or inf (in float32)")
+        if minimum is not None and bool((as_fp32 < minimum).any()):
+            fail(fn, arg, f"scale tensor values must be >= {minimum:g}, got {as_fp32.min().item():g}")
+    return 0.0, as_fp32
 
 
 def branches(fn: str, arg: str, pred, num_branches: int | None, needed: int,
@@ -170,3 +185,36 @@ def branches(fn: str, arg: str, pred, num_branches: int | None, needed: int,
     if needed > k:
         fail(fn, "guidance", f"refers to branch {needed - 1} but only {k} branches were given")
     return preds, k
+
+
+def bool_flag(fn: str, arg: str, value) -> bool:
+    """A static switch: exactly a Python bool (a string such as "no" would read as True)."""
+    if not isinstance(value, bool):
+        fail(fn, arg, f"expected a bool, got {type(value).__name__}", TypeError)
+    return value
+
+
+def _address_range(t: torch.Tensor) -> tuple[int, int] | None:
+    """[first, last] byte addresses a tensor's elements occupy (None: no elements)."""
+    if t.numel() == 0:
+        return None
+    extent = sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    first = t.data_ptr()
+    return first, first + (extent + 1) * t.element_size() - 1
+
+
+def no_overlap(fn: str, arg: str, t: torch.Tensor, others: Sequence[torch.Tensor], name: str) -> None:
+    """``t`` (written in place) must not share memory with any of ``others`` (read by the same
+    launch): an aliased buffer would be overwritten while it is read. Compares address ranges, so
+    interleaved views that never touch the same element are refused too (conservative). Skipped
+    while tracing (fake tensors have no addresses) and on the meta device."""
+    if is_compiling() or t.device.type == "meta":
+        return
+    mine = _address_range(t)
+    if mine is None:
+        return
+    for other in others:
+        theirs = _address_range(other)
+        if theirs is not None and other.device == t.device and mine[0] <= theirs[1] and theirs[0] <= mine[1]:
+            fail(fn, arg, f"shares memory with {name}: it is updated in place while {name} is read "
+                          "(create it with apg_momentum_buffer)")

@@ -132,7 +132,7 @@ def differentiable(name: str, tensors: tuple[str, ...]) -> None:
 
 
 # --------------------------------------------------------------------------- the combine family
-# Three ops with one stem: their backends share every file (guidance_combine.*).
+# Ops with one stem: their backends share every file (guidance_combine.*).
 
 
 def _branch_out(preds: list[Tensor], num_branches: int) -> Tensor:
@@ -218,6 +218,39 @@ class CfgZeroStarCombineArgs(NamedTuple):
     rescaling = property(lambda self: _spec.rescale_on(self.rescale, self.rescale_tensor))
 
 
+class TcfgCombineArgs(NamedTuple):
+    """Tangential damping CFG (closed-form 2×2 Gram). See guidance_kernels.tcfg_combine."""
+
+    preds: list[Tensor]
+    num_branches: int
+    cond: int
+    uncond: int
+    scale: float
+    scale_tensor: Optional[Tensor]
+    original_formulation: bool
+    rescale: float
+    rescale_tensor: Optional[Tensor]
+
+    rescaling = property(lambda self: _spec.rescale_on(self.rescale, self.rescale_tensor))
+
+
+class MagCombineArgs(NamedTuple):
+    """Magnitude-aware guidance (MAMBO-G). See guidance_kernels.mag_combine."""
+
+    preds: list[Tensor]
+    num_branches: int
+    cond: int
+    uncond: int
+    scale: float
+    scale_tensor: Optional[Tensor]
+    alpha: float
+    original_formulation: bool
+    rescale: float
+    rescale_tensor: Optional[Tensor]
+
+    rescaling = property(lambda self: _spec.rescale_on(self.rescale, self.rescale_tensor))
+
+
 def _combine_fake(a) -> Tensor:
     return _branch_out(a.preds, a.num_branches)
 
@@ -227,6 +260,8 @@ define("apg_combine", ApgCombineArgs, _combine_fake, stem="guidance_combine")
 define("apg_combine_momentum", ApgCombineMomentumArgs, _combine_fake, stem="guidance_combine",
        mutates=("momentum_buffer",))
 define("cfg_zero_star_combine", CfgZeroStarCombineArgs, _combine_fake, stem="guidance_combine")
+define("tcfg_combine", TcfgCombineArgs, _combine_fake, stem="guidance_combine")
+define("mag_combine", MagCombineArgs, _combine_fake, stem="guidance_combine")
 
 
 # --------------------------------------------------------------------------- attention_key_mass

@@ -19,13 +19,27 @@ import torch
 MAX_BRANCHES = 8  # branches one combine reads
 MAX_TERMS = 8  # guidance terms of one combine
 APG_FORMULATIONS = ("paper", "diffusers", "diffusers_original")
+# AdaptiveProjectedMixGuidance's CFG phase (before its APG start step): plain CFG on base uncond
+# ("cfg") or cond ("cfg_original") while the momentum buffer keeps accumulating cond − uncond.
+APG_CFG_FORMULATIONS = ("cfg", "cfg_original")
+# Formulation codes the kernels switch on (every backend reads them from here).
+APG_FORMULATION_CODES = {"paper": 0, "diffusers": 1, "diffusers_original": 2, "cfg": 3, "cfg_original": 4}
 MAX_SAG_KERNEL_SIZE = 15  # SAG blur taps the kernels support (odd sizes 1..15; k = 9 in both anchors)
 
 
 def rescale_on(number: float, tensor: torch.Tensor | None) -> bool:
     """Whether a combine applies guidance rescale: a tensor φ always, a number when it is > 0 (as
-    diffusers' ``if guidance_rescale > 0.0``). The one predicate every layer uses."""
+    diffusers' ``if guidance_rescale > 0.0``; negative numbers are refused by the public functions).
+    The one predicate every layer uses."""
     return tensor is not None or number > 0
+
+
+# --------------------------------------------------------------------------- combine-family constants
+
+CFG_ZERO_STAR_EPS = 1e-8  # diffusers / ComfyUI: ‖u‖² + 1e-8 in CFG-Zero*'s alpha
+NORMALIZE_EPS = 1e-12  # F.normalize's eps (APG's projection on cond)
+CFG_NORM_EPS = 1e-8  # ComfyUI CFGNorm: ‖out‖ + 1e-8
+COSINE_EPS = 1e-8  # F.cosine_similarity's eps (Mahiro)
 
 
 # --------------------------------------------------------------------------- Gaussian blur (SEG §5, SAG §6)

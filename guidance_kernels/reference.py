@@ -67,13 +67,22 @@ def apg_combine(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, scale, *, et
 
     ``formulation``: ``"paper"`` → ``cond + (w − 1)·update``; ``"diffusers"`` →
     ``uncond + w·update`` (diffusers' default); ``"diffusers_original"`` → ``cond + w·update``
-    (diffusers' ``use_original_formulation=True``)."""
+    (diffusers' ``use_original_formulation=True``); ``"cfg"`` / ``"cfg_original"``: the CFG phase of
+    diffusers' ``AdaptiveProjectedMixGuidance`` (``update_momentum_buffer`` then plain CFG on
+    uncond / cond)."""
     diff = pred_cond - pred_uncond
     dim = [-i for i in range(1, len(diff.shape))]
     if momentum_buffer is not None:
         running = diff + momentum * momentum_buffer.to(diff.dtype)
         momentum_buffer.copy_(running)
-        diff = running
+        if formulation not in ("cfg", "cfg_original"):
+            diff = running
+    if formulation in ("cfg", "cfg_original"):
+        pred = pred_uncond if formulation == "cfg" else pred_cond
+        pred = pred + _per_sample(scale, pred_cond) * diff
+        if isinstance(rescale, torch.Tensor) or rescale > 0:
+            pred = rescale_noise_cfg(pred, pred_cond, rescale)
+        return pred
     if norm_threshold > 0:
         ones = torch.ones_like(diff)
         diff_norm = diff.norm(p=2, dim=dim, keepdim=True)
@@ -123,6 +132,47 @@ def cfg_zero_star_combine(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, sc
     shift = pred_cond - pred_uncond
     pred = pred_cond if original_formulation else pred_uncond
     pred = pred + _per_sample(scale, pred_cond) * shift
+    if isinstance(rescale, torch.Tensor) or rescale > 0:
+        pred = rescale_noise_cfg(pred, pred_cond, rescale)
+    return pred
+
+
+def tcfg_combine(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, scale, *, original_formulation: bool = False,
+                 rescale=0.0) -> torch.Tensor:
+    """diffusers' ``TangentialClassifierFreeGuidance``: ``normalized_guidance`` (an SVD per sample of
+    the stacked ``[cond, uncond]`` in fp32 — promoted, so float64 inputs stay float64 — uncond
+    projected on the first right-singular vector and cast back), then rescale against cond."""
+    wide = torch.promote_types(pred_cond.dtype, torch.float32)
+    preds = torch.stack([pred_cond, pred_uncond], dim=1).to(wide).flatten(2)
+    _, _, vh = torch.linalg.svd(preds, full_matrices=False)
+    vh_modified = vh.clone()
+    vh_modified[:, 1] = 0
+    uncond_flat = pred_uncond.reshape(pred_uncond.size(0), 1, -1).to(wide)
+    x_vh = torch.matmul(uncond_flat, vh.transpose(-2, -1))
+    pred_uncond = torch.matmul(x_vh, vh_modified).reshape(pred_uncond.shape).to(pred_cond.dtype)
+    pred = pred_cond if original_formulation else pred_uncond
+    pred = pred + _per_sample(scale, pred_cond) * (pred_cond - pred_uncond)
+    if isinstance(rescale, torch.Tensor) or rescale > 0:
+        pred = rescale_noise_cfg(pred, pred_cond, rescale)
+    return pred
+
+
+def mag_combine(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, scale, *, alpha: float = 8.0,
+                original_formulation: bool = False, rescale=0.0) -> torch.Tensor:
+    """diffusers' ``mambo_guidance`` (MagnitudeAwareGuidance) with its norms read as the Frobenius
+    norm over all non-batch dims (its ``torch.norm(x, dim=[1, 2, 3])`` raises on 4-D latents),
+    then rescale against cond."""
+    dim = list(range(1, pred_cond.dim()))
+    diff = pred_cond - pred_uncond
+    ratio = torch.linalg.vector_norm(diff, dim=dim, keepdim=True) / torch.linalg.vector_norm(
+        pred_uncond, dim=dim, keepdim=True)
+    s = _per_sample(scale, pred_cond)
+    if original_formulation:
+        scale_final = s * torch.exp(-alpha * ratio)
+    else:
+        scale_final = 1.0 + (s - 1.0) * torch.exp(-alpha * ratio)
+    pred = pred_cond if original_formulation else pred_uncond
+    pred = pred + scale_final * diff
     if isinstance(rescale, torch.Tensor) or rescale > 0:
         pred = rescale_noise_cfg(pred, pred_cond, rescale)
     return pred

@@ -26,15 +26,32 @@ changes every step under ``torch.compile`` (a changing Python float recompiles o
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Union
 
 import torch
 
+from . import _checks
+
 Scale = Union[float, torch.Tensor]
 
 # Branch order of diffusers' pipelines: CFG+PAG = [uncond, cond, perturbed].
 UNCOND, COND, PERTURBED = 0, 1, 2
+
+
+def _index(owner: str, name: str, value) -> None:
+    # Checked when built, so a float or a tensor index is named here instead of surfacing later as
+    # a bad branch count. The range is checked by the combine, which knows the number of branches.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _checks.fail(owner, name, f"branch index must be an int, got {value!r} ({type(value).__name__})", TypeError)
+
+
+def _scale_value(owner: str, name: str, value) -> None:
+    if isinstance(value, torch.Tensor):
+        return
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        _checks.fail(owner, name, f"expected a real number or a tensor, got {type(value).__name__}", TypeError)
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +62,11 @@ class Term:
     neg: int
     scale: Scale
 
+    def __post_init__(self):
+        _index("Term", "pos", self.pos)
+        _index("Term", "neg", self.neg)
+        _scale_value("Term", "scale", self.scale)
+
 
 @dataclass(frozen=True, eq=False)
 class Guidance:
@@ -52,6 +74,15 @@ class Guidance:
 
     base: int
     terms: tuple[Term, ...] = ()
+
+    def __post_init__(self):
+        _index("Guidance", "base", self.base)
+        if isinstance(self.terms, (str, bytes)) or not isinstance(self.terms, (tuple, list)):
+            _checks.fail("Guidance", "terms", f"expected a tuple of Term, got {type(self.terms).__name__}", TypeError)
+        object.__setattr__(self, "terms", tuple(self.terms))
+        for i, term in enumerate(self.terms):
+            if not isinstance(term, Term):
+                _checks.fail("Guidance", f"terms[{i}]", f"expected a Term, got {type(term).__name__}", TypeError)
 
     def __add__(self, other: "Guidance") -> "Guidance":
         if not isinstance(other, Guidance):
@@ -120,7 +151,12 @@ def kucvlab_pag(guide_scale: Scale, *, cond: int = 0, perturbed: int = 1) -> Gui
 
 def adaptive_pag_scale(scale: Scale, adaptive_scale: Scale, timestep: Scale) -> Scale:
     """diffusers' adaptive PAG: ``max(scale − adaptive_scale · (1000 − t), 0)``. Tensors in,
-    tensor out (no host sync, so it changes per step without recompiling)."""
+    tensor out (no host sync, so it changes per step without recompiling). Python numbers must be
+    finite (a NaN would silently become the result)."""
+    fn = "adaptive_pag_scale"
+    for name, value in (("scale", scale), ("adaptive_scale", adaptive_scale), ("timestep", timestep)):
+        if not isinstance(value, torch.Tensor):
+            _checks.finite_number(fn, name, value)
     if isinstance(scale, torch.Tensor) or isinstance(adaptive_scale, torch.Tensor) or \
             isinstance(timestep, torch.Tensor):
         value = scale - adaptive_scale * (1000 - timestep)

@@ -113,7 +113,7 @@ class FakeExtension:
         storage(out, out.numel()).copy_(from_bits(reply.split()[2:], out.dtype))
 
     def projected_combine(self, out, cond, uncond, momentum_buffer, kind, formulation, scale, scale_tensor, eta,
-                          norm_threshold, momentum, rescale, phi, phi_tensor, geometry, parts, chunk):
+                          norm_threshold, momentum, alpha, rescale, phi, phi_tensor, geometry, parts, chunk):
         batch = geometry[0]
         buf = momentum_buffer
         lines = [f"plan {parts} {chunk}", f"cond {_tensor_field(cond, geometry)}",
@@ -122,7 +122,8 @@ class FakeExtension:
             lines.append(f"buffer {_dense_field(buf)}")
         lines += [f"formulation {formulation}", f"scale {_scale_field(scale, scale_tensor, batch)}",
                   f"eta {float(eta).hex()}", f"threshold {float(norm_threshold).hex()}",
-                  f"momentum {float(momentum).hex()}", f"rescale {int(rescale)} {_scale_field(phi, phi_tensor, batch)}"]
+                  f"momentum {float(momentum).hex()}", f"alpha {float(alpha).hex()}",
+                  f"rescale {int(rescale)} {_scale_field(phi, phi_tensor, batch)}"]
         buf_fmt = FMT[buf.dtype] if buf is not None else "none"
         head = f"projected kind {kind} fmt {FMT[out.dtype]} buf {buf_fmt} vec {{vec}}"
         replies = self._run(head, geometry, lines, [cond, uncond, out] + ([buf] if buf is not None else []))

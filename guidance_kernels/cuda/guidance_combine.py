@@ -1,4 +1,5 @@
-"""CUDA backend of the combine family: guidance_combine, apg_combine, cfg_zero_star_combine.
+"""CUDA backend of the combine family: guidance_combine, apg_combine, cfg_zero_star_combine,
+tcfg_combine, mag_combine.
 
 Same signatures and the same planning as :mod:`guidance_kernels.triton.guidance_combine`: the
 branches are viewed without copies (``split_branches``), the output is allocated by
@@ -15,14 +16,12 @@ device guards or allocations here beyond the output, no extra kernels.
 
 from __future__ import annotations
 
-from .. import _layout
+from .. import _layout, _spec
 from .._layout import split_branches
-from .._library import ApgCombineArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs
+from .._library import ApgCombineArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs, MagCombineArgs, TcfgCombineArgs
 from ._common import ext, geometry
 
-APG = 1
-CFG_ZERO_STAR = 2
-FORMULATIONS = {"paper": 0, "diffusers": 1, "diffusers_original": 2}
+APG, CFG_ZERO_STAR, TCFG, MAG = 1, 2, 3, 4  # combine::Kind
 
 
 def _chunks(module, plan: _layout.Plan, device, reduce: bool) -> tuple[int, int]:
@@ -53,7 +52,7 @@ def guidance_combine(a: GuidanceCombineArgs):
     return out
 
 
-def _projected(kind, a, *, eta=1.0, threshold=0.0, momentum=0.0, buf=None, formulation=0):
+def _projected(kind, a, *, eta=1.0, threshold=0.0, momentum=0.0, alpha=0.0, buf=None, formulation=0):
     module = ext()
     branches = split_branches(a.preds, a.num_branches)
     out = _layout.output_like(branches[0])
@@ -62,18 +61,26 @@ def _projected(kind, a, *, eta=1.0, threshold=0.0, momentum=0.0, buf=None, formu
     plan = _layout.plan([branches[a.cond], branches[a.uncond]], out)
     parts, chunk = _chunks(module, plan, out.device, True)
     module.projected_combine(out, plan.tensors[0], plan.tensors[1], buf, kind, formulation, float(a.scale),
-                             a.scale_tensor, float(eta), float(threshold), float(momentum), a.rescaling,
+                             a.scale_tensor, float(eta), float(threshold), float(momentum), float(alpha), a.rescaling,
                              float(a.rescale), a.rescale_tensor, geometry(plan), parts, chunk)
     return out
 
 
 def apg_combine(a: ApgCombineArgs):
     return _projected(APG, a, eta=a.eta, threshold=a.norm_threshold, momentum=a.momentum, buf=a.momentum_buffer,
-                      formulation=FORMULATIONS[a.formulation])
+                      formulation=_spec.APG_FORMULATION_CODES[a.formulation])
 
 
 apg_combine_momentum = apg_combine  # the same launcher: the record carries the buffer
 
 
 def cfg_zero_star_combine(a: CfgZeroStarCombineArgs):
-    return _projected(CFG_ZERO_STAR, a, formulation=1 if a.original_formulation else 0)
+    return _projected(CFG_ZERO_STAR, a, formulation=int(a.original_formulation))
+
+
+def tcfg_combine(a: TcfgCombineArgs):
+    return _projected(TCFG, a, formulation=int(a.original_formulation))
+
+
+def mag_combine(a: MagCombineArgs):
+    return _projected(MAG, a, alpha=a.alpha, formulation=int(a.original_formulation))

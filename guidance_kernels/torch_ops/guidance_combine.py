@@ -1,16 +1,20 @@
-"""PyTorch backend of the combine family: guidance_combine, apg_combine, cfg_zero_star_combine.
+"""PyTorch backend of the combine family: guidance_combine, apg_combine, cfg_zero_star_combine,
+tcfg_combine, mag_combine.
 
 Arithmetic is fp32 (fp64 for fp64 inputs) whatever the input dtype; the output is a new (B, …)
 tensor in the input dtype, laid out by ``_layout.output_like``. The formulas are those of
-:mod:`guidance_kernels.reference`, with the same operation order.
+:mod:`guidance_kernels.reference`, with the same operation order (separate multiply and add, so
+the fp32 plain combine rounds exactly like the anchors' ``u + s * (c - u)``), except TCFG, whose
+SVD is replaced by the closed form of the 2×2 Gram matrix (see ``tcfg_coefficients``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import _spec
 from .._layout import output_like, split_branches
-from .._library import ApgCombineArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs
+from .._library import ApgCombineArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs, MagCombineArgs, TcfgCombineArgs
 from ._common import compute_dtype, per_sample
 
 
@@ -36,10 +40,8 @@ def guidance_combine(a: GuidanceCombineArgs):
         diff = branches[p].to(dtype) - branches[n].to(dtype)
         # The last term goes straight into the output when no rescale or dtype change follows.
         target = out if (i == len(a.pos) - 1 and not rescaling and out.dtype == dtype) else None
-        if g_tensor is None:
-            acc = torch.add(acc, diff, alpha=g, out=target)
-        else:
-            acc = torch.addcmul(acc, per_sample(g, g_tensor, acc.dim(), dtype), diff, out=target)
+        # Multiply, then add (torch.add(alpha=) and addcmul fuse them into one rounding on the CPU).
+        acc = torch.add(acc, diff * per_sample(g, g_tensor, acc.dim(), dtype), out=target)
     if rescaling:
         phi = per_sample(a.rescale, a.rescale_tensor, acc.dim(), dtype)
         acc = _rescale(acc, branches[a.rescale_ref].to(dtype), phi)
@@ -54,25 +56,35 @@ def _pair(a):
     return branches[0], dtype, c, u, list(range(1, c.dim()))
 
 
+def _dot(x: torch.Tensor, y: torch.Tensor, dims) -> torch.Tensor:
+    return (x * y).sum(dim=dims, keepdim=True)
+
+
 def apg_combine(a: ApgCombineArgs):
     like, dtype, c, u, dims = _pair(a)
+    code = _spec.APG_FORMULATION_CODES[a.formulation]
     diff = c - u
     if a.momentum_buffer is not None:
-        diff = diff + a.momentum * a.momentum_buffer.to(dtype)
-        a.momentum_buffer.copy_(diff)
-    if a.norm_threshold > 0:
-        diff = diff * torch.minimum(torch.ones((), dtype=dtype, device=diff.device),
-                                    a.norm_threshold / diff.norm(p=2, dim=dims, keepdim=True))
-    v1 = torch.nn.functional.normalize(c, dim=dims)
-    parallel = (diff * v1).sum(dim=dims, keepdim=True) * v1
-    update = (diff - parallel) + a.eta * parallel
+        running = diff + a.momentum * a.momentum_buffer.to(dtype)
+        a.momentum_buffer.copy_(running)
+        if code < 3:  # the CFG formulations only feed the buffer
+            diff = running
     w = per_sample(a.scale, a.scale_tensor, c.dim(), dtype)
-    if a.formulation == "paper":
-        out = c + (w - 1) * update
-    elif a.formulation == "diffusers":
-        out = u + w * update
-    else:  # "diffusers_original"
-        out = c + w * update
+    if code >= 3:
+        out = (u if code == 3 else c) + w * diff
+    else:
+        if a.norm_threshold > 0:
+            diff = diff * torch.minimum(torch.ones((), dtype=dtype, device=diff.device),
+                                        a.norm_threshold / diff.norm(p=2, dim=dims, keepdim=True))
+        v1 = torch.nn.functional.normalize(c, dim=dims, eps=_spec.NORMALIZE_EPS)
+        parallel = _dot(diff, v1, dims) * v1
+        update = (diff - parallel) + a.eta * parallel
+        if code == 0:
+            out = c + (w - 1) * update
+        elif code == 1:
+            out = u + w * update
+        else:
+            out = c + w * update
     if a.rescaling:
         out = _rescale(out, c, per_sample(a.rescale, a.rescale_tensor, c.dim(), dtype))
     return _finish(out, like)
@@ -83,10 +95,53 @@ apg_combine_momentum = apg_combine  # the same function: the record carries the 
 
 def cfg_zero_star_combine(a: CfgZeroStarCombineArgs):
     like, dtype, c, u, dims = _pair(a)
-    alpha = (c * u).sum(dim=dims, keepdim=True) / ((u * u).sum(dim=dims, keepdim=True) + 1e-8)
+    alpha = _dot(c, u, dims) / (_dot(u, u, dims) + _spec.CFG_ZERO_STAR_EPS)
     u_alpha = u * alpha
     s = per_sample(a.scale, a.scale_tensor, c.dim(), dtype)
     out = (c if a.original_formulation else u_alpha) + s * (c - u_alpha)
+    if a.rescaling:
+        out = _rescale(out, c, per_sample(a.rescale, a.rescale_tensor, c.dim(), dtype))
+    return _finish(out, like)
+
+
+def tcfg_coefficients(s_cu: torch.Tensor, s_cd: torch.Tensor, s_dd: torch.Tensor,
+                      poison: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(e_c·e_u, e_u²)`` of the principal unit eigenvector of the Gram matrix from the sums
+    ⟨c,u⟩, ⟨c,c−u⟩, ‖c−u‖²; ``poison`` is ‖c‖² + ‖u‖² (non-finite when the sample is: its
+    coefficients are then NaN). See tcfg_combine for the formulas and the ``r = 0`` rule."""
+    delta = 2 * s_cd - s_dd
+    r = torch.hypot(delta, 2 * s_cu) + (poison - poison)
+    degenerate = r == 0
+    safe = torch.where(degenerate, torch.ones_like(r), r)
+    pq = s_cu / safe
+    q = torch.where(delta >= 0, 2 * pq * (s_cu / (safe + delta)), (safe - delta) / (2 * safe))
+    zero = torch.zeros_like(r)
+    return torch.where(degenerate, zero, pq), torch.where(degenerate, zero, q)
+
+
+def tcfg_combine(a: TcfgCombineArgs):
+    like, dtype, c, u, dims = _pair(a)
+    d = c - u
+    pq, q = tcfg_coefficients(_dot(c, u, dims), _dot(c, d, dims), _dot(d, d, dims),
+                              _dot(c, c, dims) + _dot(u, u, dims))
+    u_t = pq * c + q * u
+    s = per_sample(a.scale, a.scale_tensor, c.dim(), dtype)
+    out = (c if a.original_formulation else u_t) + s * (c - u_t)
+    if a.rescaling:
+        out = _rescale(out, c, per_sample(a.rescale, a.rescale_tensor, c.dim(), dtype))
+    return _finish(out, like)
+
+
+def mag_combine(a: MagCombineArgs):
+    like, dtype, c, u, dims = _pair(a)
+    d = c - u
+    ratio = _dot(d, d, dims).sqrt() / _dot(u, u, dims).sqrt()
+    damp = torch.exp(-a.alpha * ratio)
+    s = per_sample(a.scale, a.scale_tensor, c.dim(), dtype)
+    if a.original_formulation:
+        out = c + (s * damp) * d
+    else:
+        out = u + (1.0 + (s - 1.0) * damp) * d
     if a.rescaling:
         out = _rescale(out, c, per_sample(a.rescale, a.rescale_tensor, c.dim(), dtype))
     return _finish(out, like)

@@ -1,26 +1,34 @@
-"""Triton kernels of the combine family: guidance_combine, apg_combine, cfg_zero_star_combine.
+"""Triton kernels of the combine family: guidance_combine, apg_combine, cfg_zero_star_combine,
+tcfg_combine, mag_combine.
 
 Launch structure (B samples of ``inner`` elements, see :mod:`guidance_kernels._layout`):
 
 * plain combine — ONE launch of ``_combine_kernel``: every program computes
   ``acc = D[base] + Σ g_t (D[pos_t] − D[neg_t])`` for BLOCK elements of one sample, in fp32, in
-  the reference's operation order, and stores it in the output dtype.
-* with a per-sample reduction (rescale, APG, CFG-Zero*) — TWO launches, no host sync:
+  the reference's operation order with FMA contraction disabled (one rounding per operation:
+  the fp32 result is bit-identical to the eager formula), and stores it in the output dtype.
+* with a per-sample reduction (rescale, APG, CFG-Zero*, TCFG, MAG) — TWO launches, no host sync:
   1. ``_moments_kernel``: each program takes one chunk of one sample and computes, for up to
      three fp32 "fields" of the data, the count, means and centred co-moments
-     ``M_ij = Σ (f_i − mean_i)(f_j − mean_j)``, merging BLOCK-sized tiles with Chan's formula.
-     It writes one row of ``NSTAT`` floats per (sample, chunk): no atomics, deterministic, and
-     accurate (no ``E[x²] − E[x]²`` cancellation).
+     ``M_ij = Σ (f_i − mean_i)(f_j − mean_j)`` (merging BLOCK-sized tiles with Chan's formula;
+     each tile's mean is taken relative to its first element, so a constant sample has exactly
+     zero co-moments) and the raw dot products ``S_ij = Σ f_i f_j`` (plain sums, so an inf or a
+     NaN propagates as in torch's sums). It writes one row of ``NSTAT`` floats per (sample,
+     chunk): no atomics, deterministic.
   2. ``_combine_kernel`` / ``_projected_kernel``: every program first merges its sample's
-     chunk rows (a few hundred floats, L2-resident) into exact per-sample moments, derives the
-     per-sample coefficients (rescale ratio, APG projection, CFG-Zero* alpha), then recomputes
-     its elements from the inputs and writes the output. Recomputing instead of storing an
+     chunk rows (a few hundred floats, L2-resident) into per-sample moments, derives the
+     per-sample coefficients (rescale ratio from the centred moments; APG projection, CFG-Zero*
+     alpha, TCFG's projection, MAG's damped scale from the raw sums), then recomputes its
+     elements from the inputs and writes the output. Recomputing instead of storing an
      intermediate keeps fp32 precision and moves no more bytes for two or three branches.
 
 Fields per kind: KIND_COMBINE (ref, acc, 0); KIND_APG (cond, cond − uncond, running diff when a
-momentum buffer is used); KIND_CFG0 (cond, cond − uncond, uncond). Every output that needs a
-std is linear in the fields with per-sample coefficients, so its variance is a quadratic form
-of the co-moments; the (cond, cond − uncond) basis avoids cancellation when cond ≈ uncond.
+momentum buffer is used); KIND_CFG0, KIND_TCFG, KIND_MAG (cond, cond − uncond, uncond). Every
+output that needs a std is linear in the fields with per-sample coefficients, so its variance is
+a quadratic form of the co-moments; the (cond, cond − uncond) basis avoids cancellation when
+cond ≈ uncond. Comparisons that pick a minimum or maximum are written with ``tl.where`` so that
+NaN propagates like ``torch.minimum``/``clamp`` on every target (``tl.minimum``/``tl.maximum``
+drop NaN on a GPU and keep it in the interpreter).
 """
 
 from __future__ import annotations
@@ -29,18 +37,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import _layout
+from .. import _layout, _spec
 from .._layout import split_branches
-from .._library import ApgCombineArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs
+from .._library import ApgCombineArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs, MagCombineArgs, TcfgCombineArgs
 from ._common import device_guard
 
 BLOCK = 1024
 NUM_WARPS = 4
-NSTAT: tl.constexpr = tl.constexpr(10)  # n, mean0..2, M00, M11, M22, M01, M02, M12
+NSTAT: tl.constexpr = tl.constexpr(16)  # n, mean0..2, M00 M11 M22 M01 M02 M12, S00 S11 S22 S01 S02 S12
 KIND_COMBINE: tl.constexpr = tl.constexpr(0)
 KIND_APG: tl.constexpr = tl.constexpr(1)
 KIND_CFG0: tl.constexpr = tl.constexpr(2)
-FORMULATIONS = {"paper": 0, "diffusers": 1, "diffusers_original": 2}
+KIND_TCFG: tl.constexpr = tl.constexpr(3)
+KIND_MAG: tl.constexpr = tl.constexpr(4)
+NORMALIZE_EPS: tl.constexpr = tl.constexpr(_spec.NORMALIZE_EPS)
+CFG0_EPS: tl.constexpr = tl.constexpr(_spec.CFG_ZERO_STAR_EPS)
 
 
 # --------------------------------------------------------------------------- device helpers
@@ -95,8 +106,36 @@ def _linear(xs, off, mask, b, gs, gps, gss, BASE: tl.constexpr, TERMS: tl.conste
 
 
 @triton.jit
+def _min_nan(a, b):
+    """torch.minimum: NaN in either operand gives NaN."""
+    return tl.where((a < b) | (a != a), a, b)
+
+
+@triton.jit
+def _max_nan(a, b):
+    """torch.maximum / clamp_min: NaN in either operand gives NaN."""
+    return tl.where((a > b) | (a != a), a, b)
+
+
+@triton.jit
+def _first(x, BLOCK: tl.constexpr):
+    """Element 0 of a block, exactly (every other lane contributes a zero)."""
+    return tl.sum(tl.where(tl.arange(0, BLOCK) == 0, x, 0.0), axis=0)
+
+
+@triton.jit
+def _centred(f, mask, n_t, BLOCK: tl.constexpr):
+    """A tile's mean and deviations, the mean taken relative to the tile's first element so that a
+    constant tile has exactly its value as mean and exactly zero deviations."""
+    pivot = _first(f, BLOCK)
+    mean = pivot + tl.sum(tl.where(mask, f - pivot, 0.0), axis=0) / tl.maximum(n_t, 1.0)
+    return mean, tl.where(mask, f - mean, 0.0)
+
+
+@triton.jit
 def _sample_moments(row_ptr, num_parts, BLOCK_P: tl.constexpr):
-    """Merge one sample's per-chunk rows into (n, means, centred co-moments)."""
+    """Merge one sample's per-chunk rows into (n, means, centred co-moments, raw sums). The means
+    are merged relative to row 0's (equal means stay exact, so do zero co-moments)."""
     p = tl.arange(0, BLOCK_P)
     valid = p < num_parts
     rows = row_ptr + p * NSTAT
@@ -105,9 +144,12 @@ def _sample_moments(row_ptr, num_parts, BLOCK_P: tl.constexpr):
     a_p = tl.load(rows + 1, mask=valid, other=0.0)
     b_p = tl.load(rows + 2, mask=valid, other=0.0)
     c_p = tl.load(rows + 3, mask=valid, other=0.0)
-    mean0 = tl.sum(n_p * a_p, axis=0) / n
-    mean1 = tl.sum(n_p * b_p, axis=0) / n
-    mean2 = tl.sum(n_p * c_p, axis=0) / n
+    a0 = tl.load(row_ptr + 1)
+    b0 = tl.load(row_ptr + 2)
+    c0 = tl.load(row_ptr + 3)
+    mean0 = a0 + tl.sum(tl.where(valid, n_p * (a_p - a0), 0.0), axis=0) / n
+    mean1 = b0 + tl.sum(tl.where(valid, n_p * (b_p - b0), 0.0), axis=0) / n
+    mean2 = c0 + tl.sum(tl.where(valid, n_p * (c_p - c0), 0.0), axis=0) / n
     d0 = tl.where(valid, a_p - mean0, 0.0)
     d1 = tl.where(valid, b_p - mean1, 0.0)
     d2 = tl.where(valid, c_p - mean2, 0.0)
@@ -117,14 +159,20 @@ def _sample_moments(row_ptr, num_parts, BLOCK_P: tl.constexpr):
     m01 = tl.sum(tl.load(rows + 7, mask=valid, other=0.0) + n_p * d0 * d1, axis=0)
     m02 = tl.sum(tl.load(rows + 8, mask=valid, other=0.0) + n_p * d0 * d2, axis=0)
     m12 = tl.sum(tl.load(rows + 9, mask=valid, other=0.0) + n_p * d1 * d2, axis=0)
-    return n, mean0, mean1, mean2, m00, m11, m22, m01, m02, m12
+    s00 = tl.sum(tl.load(rows + 10, mask=valid, other=0.0), axis=0)
+    s11 = tl.sum(tl.load(rows + 11, mask=valid, other=0.0), axis=0)
+    s22 = tl.sum(tl.load(rows + 12, mask=valid, other=0.0), axis=0)
+    s01 = tl.sum(tl.load(rows + 13, mask=valid, other=0.0), axis=0)
+    s02 = tl.sum(tl.load(rows + 14, mask=valid, other=0.0), axis=0)
+    s12 = tl.sum(tl.load(rows + 15, mask=valid, other=0.0), axis=0)
+    return n, m00, m11, m22, m01, m02, m12, s00, s11, s22, s01, s02, s12
 
 
 @triton.jit
 def _quadratic(a0, a1, a2, m00, m11, m22, m01, m02, m12):
-    """aᵀ M a for the symmetric co-moment matrix M, clamped at 0 (rounding can go below)."""
+    """aᵀ M a for the symmetric co-moment matrix M, clamped at 0 (rounding can go below; NaN stays)."""
     q = a0 * a0 * m00 + a1 * a1 * m11 + a2 * a2 * m22 + 2.0 * (a0 * a1 * m01 + a0 * a2 * m02 + a1 * a2 * m12)
-    return tl.maximum(q, 0.0)
+    return tl.where(q < 0.0, 0.0, q)
 
 
 @triton.jit
@@ -132,6 +180,24 @@ def _rescaled(out, m_ref, m_out, phi):
     """diffusers' rescale_noise_cfg with centred sums of squares (the n − 1 of the unbiased std
     is kept so that a one-element sample gives NaN exactly as torch.std does)."""
     return phi * (out * (tl.sqrt(m_ref) / tl.sqrt(m_out))) + (1.0 - phi) * out
+
+
+@triton.jit
+def _tcfg_coefficients(s_cu, s_cd, s_dd, poison):
+    """(e_c·e_u, e_u²) of the Gram matrix's principal unit eigenvector (see ops.tcfg_combine);
+    ``poison`` (‖c‖² + ‖u‖²) makes them NaN for a non-finite sample."""
+    delta = 2.0 * s_cd - s_dd
+    two_b = 2.0 * s_cu
+    big = _max_nan(tl.abs(delta), tl.abs(two_b))
+    unit = tl.where(big > 0.0, big, 1.0)
+    x = delta / unit
+    y = two_b / unit
+    r = big * tl.sqrt(x * x + y * y) + (poison - poison)  # hypot without overflow
+    degenerate = r == 0.0
+    safe = tl.where(degenerate, 1.0, r)
+    pq = s_cu / safe
+    q = tl.where(delta >= 0.0, 2.0 * pq * (s_cu / (safe + delta)), (safe - delta) / (2.0 * safe))
+    return tl.where(degenerate, 0.0, pq), tl.where(degenerate, 0.0, q)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -145,7 +211,7 @@ def _combine_kernel(out_ptr, xs, gs, gps, gss, stats_ptr, phi, phi_ptr, phi_stri
     b, idx, mask, off = _tile(tiles, inner, bs, n1, n2, s0, s1, s2, RANK, BLOCK)
     acc = _linear(xs, off, mask, b, gs, gps, gss, BASE, TERMS, NT)
     if RESCALE:
-        n, _m0, _m1, _m2, m00, m11, _m22, _m01, _m02, _m12 = _sample_moments(
+        n, m00, m11, _m22, _m01, _m02, _m12, _s00, _s11, _s22, _s01, _s02, _s12 = _sample_moments(
             stats_ptr + b * num_parts * NSTAT, num_parts, BLOCK_P)
         phi = _scale_at(phi, phi_ptr, phi_stride, b, PHI_TENSOR)
         acc = _rescaled(acc, m00 / (n - 1.0), m11 / (n - 1.0), phi)
@@ -173,6 +239,12 @@ def _moments_kernel(stats_ptr, xs, gs, gps, gss, buf_ptr, momentum,
     m01 = 0.0
     m02 = 0.0
     m12 = 0.0
+    s00 = 0.0
+    s11 = 0.0
+    s22 = 0.0
+    s01 = 0.0
+    s02 = 0.0
+    s12 = 0.0
     # A plain integer trip count (tensor-valued range bounds break Triton 3.6's interpreter); the
     # last chunk's trailing tiles are empty and contribute nothing (n_t = 0).
     for tile in range(0, chunk_tiles):
@@ -191,6 +263,7 @@ def _moments_kernel(stats_ptr, xs, gs, gps, gss, buf_ptr, momentum,
                 if HAS_BUF:
                     f2 = f1 + momentum * _load(buf_ptr + b * inner + idx, mask)
                     tl.store(buf_ptr + b * inner + idx, f2.to(buf_ptr.dtype.element_ty), mask=mask)
+                    f2 = f2.to(buf_ptr.dtype.element_ty).to(tl.float32)  # what pass 2 reads back
                 else:
                     f2 = tl.zeros_like(f0)
             else:
@@ -199,12 +272,9 @@ def _moments_kernel(stats_ptr, xs, gs, gps, gss, buf_ptr, momentum,
         f1 = tl.where(mask, f1, 0.0)
         f2 = tl.where(mask, f2, 0.0)
         n_t = tl.sum(mask.to(tl.float32), axis=0)
-        t0 = tl.sum(f0, axis=0) / tl.maximum(n_t, 1.0)
-        t1 = tl.sum(f1, axis=0) / tl.maximum(n_t, 1.0)
-        t2 = tl.sum(f2, axis=0) / tl.maximum(n_t, 1.0)
-        e0 = tl.where(mask, f0 - t0, 0.0)
-        e1 = tl.where(mask, f1 - t1, 0.0)
-        e2 = tl.where(mask, f2 - t2, 0.0)
+        t0, e0 = _centred(f0, mask, n_t, BLOCK)
+        t1, e1 = _centred(f1, mask, n_t, BLOCK)
+        t2, e2 = _centred(f2, mask, n_t, BLOCK)
         # Chan et al.: merge the tile's (n_t, t, e·e) into the running (count, mean, m).
         total = count + n_t
         weight = n_t / tl.maximum(total, 1.0)
@@ -221,6 +291,12 @@ def _moments_kernel(stats_ptr, xs, gs, gps, gss, buf_ptr, momentum,
         mean0 += d0 * weight
         mean1 += d1 * weight
         mean2 += d2 * weight
+        s00 += tl.sum(f0 * f0, axis=0)
+        s11 += tl.sum(f1 * f1, axis=0)
+        s22 += tl.sum(f2 * f2, axis=0)
+        s01 += tl.sum(f0 * f1, axis=0)
+        s02 += tl.sum(f0 * f2, axis=0)
+        s12 += tl.sum(f1 * f2, axis=0)
         count = total
     row = stats_ptr + (b * num_parts + part) * NSTAT
     tl.store(row + 0, count)
@@ -233,77 +309,114 @@ def _moments_kernel(stats_ptr, xs, gs, gps, gss, buf_ptr, momentum,
     tl.store(row + 7, m01)
     tl.store(row + 8, m02)
     tl.store(row + 9, m12)
+    tl.store(row + 10, s00)
+    tl.store(row + 11, s11)
+    tl.store(row + 12, s22)
+    tl.store(row + 13, s01)
+    tl.store(row + 14, s02)
+    tl.store(row + 15, s12)
 
 
 @triton.jit
-def _projected_kernel(out_ptr, xs, stats_ptr, buf_ptr, w, w_ptr, w_stride, eta, threshold, phi, phi_ptr,
+def _projected_kernel(out_ptr, xs, stats_ptr, buf_ptr, w, w_ptr, w_stride, eta, threshold, alpha, phi, phi_ptr,
                       phi_stride, inner, tiles, num_parts, n1, n2, s0, s1, s2, bs,
                       KIND: tl.constexpr, COND: tl.constexpr, UNCOND: tl.constexpr, HAS_BUF: tl.constexpr,
                       FORMULATION: tl.constexpr, W_TENSOR: tl.constexpr, RESCALE: tl.constexpr,
                       PHI_TENSOR: tl.constexpr, RANK: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
-    """Second pass of APG (KIND_APG) and CFG-Zero* (KIND_CFG0)."""
+    """Second pass of APG (KIND_APG; FORMULATION = _spec.APG_FORMULATION_CODES), CFG-Zero*, TCFG
+    and MAG (FORMULATION 1 = original formulation)."""
     b, idx, mask, off = _tile(tiles, inner, bs, n1, n2, s0, s1, s2, RANK, BLOCK)
-    n, mean0, mean1, mean2, m00, m11, m22, m01, m02, m12 = _sample_moments(
+    n, m00, m11, m22, m01, m02, m12, s00, s11, s22, s01, s02, s12 = _sample_moments(
         stats_ptr + b * num_parts * NSTAT, num_parts, BLOCK_P)
     w = _scale_at(w, w_ptr, w_stride, b, W_TENSOR)
     c = _load(xs[COND] + off, mask)
     u = _load(xs[UNCOND] + off, mask)
+    # Every output is a_c·cond + a_r·(cond − uncond) + a_d·(field 2); (a_c, a_r, a_d) give its std.
+    a_c = 1.0
+    a_r = 0.0
+    a_d = 0.0
     if KIND == KIND_APG:
-        # Raw dot products from the centred moments: Σ x y = M_xy + n · mean_x · mean_y.
-        r_cc = m00 + n * mean0 * mean0
-        if HAS_BUF:
-            d = _load(buf_ptr + b * inner + idx, mask)
-            r_dd = m22 + n * mean2 * mean2
-            r_dc = m02 + n * mean0 * mean2
-        else:
+        if FORMULATION >= 3:  # AdaptiveProjectedMix's CFG phase: plain CFG, the buffer was fed by pass 1
             d = c - u
-            r_dd = m11 + n * mean1 * mean1
-            r_dc = m01 + n * mean0 * mean1
-        f = 1.0
-        if threshold > 0.0:
-            f = tl.minimum(1.0, threshold / tl.sqrt(r_dd))
-        c_norm = tl.maximum(tl.sqrt(r_cc), 1e-12)  # F.normalize's eps
-        par_coef = (f * r_dc / c_norm) / c_norm  # par = ⟨f·d, c/‖c‖⟩ · c/‖c‖
-        diff = f * d
-        par = par_coef * c
-        update = (diff - par) + eta * par
-        if FORMULATION == 0:
-            gain = w - 1.0
-            out = c + gain * update
-        elif FORMULATION == 1:
-            gain = w
-            out = u + gain * update
+            if FORMULATION == 3:
+                out = u + w * d
+                a_r = w - 1.0
+            else:
+                out = c + w * d
+                a_r = w
         else:
-            gain = w
-            out = c + gain * update
-        if RESCALE:
-            # out = a_c·cond + a_r·(cond − uncond) + a_d·running (fields 0, 1, 2).
+            if HAS_BUF:
+                d = _load(buf_ptr + b * inner + idx, mask)
+                r_dd = s22
+                r_dc = s02
+            else:
+                d = c - u
+                r_dd = s11
+                r_dc = s01
+            f = 1.0
+            if threshold > 0.0:
+                f = _min_nan(1.0, threshold / tl.sqrt(r_dd))
+            c_norm = _max_nan(tl.sqrt(s00), NORMALIZE_EPS)
+            par_coef = (f * r_dc / c_norm) / c_norm  # par = ⟨f·d, c/‖c‖⟩ · c/‖c‖
+            diff = f * d
+            par = par_coef * c
+            update = (diff - par) + eta * par
+            if FORMULATION == 0:
+                gain = w - 1.0
+                out = c + gain * update
+            elif FORMULATION == 1:
+                gain = w
+                out = u + gain * update
+            else:
+                gain = w
+                out = c + gain * update
             a_c = 1.0 + gain * (eta - 1.0) * par_coef
-            a_r = 0.0
             if FORMULATION == 1:
                 a_r = -1.0
-            a_d = gain * f
-            if not HAS_BUF:
-                a_r = a_r + a_d
-                a_d = 0.0
-            m_out = _quadratic(a_c, a_r, a_d, m00, m11, m22, m01, m02, m12)
-    else:
-        r_cu = m02 + n * mean0 * mean2
-        r_uu = m22 + n * mean2 * mean2
-        alpha = r_cu / (r_uu + 1e-8)
-        u_alpha = u * alpha
+            if HAS_BUF:
+                a_d = gain * f
+            else:
+                a_r = a_r + gain * f
+    elif KIND == KIND_CFG0:
+        alpha_s = s02 / (s22 + CFG0_EPS)
+        u_alpha = u * alpha_s
         if FORMULATION == 0:
             out = u_alpha + w * (c - u_alpha)
             a_cond = w
-            a_unc = alpha * (1.0 - w)
+            a_unc = alpha_s * (1.0 - w)
         else:
             out = c + w * (c - u_alpha)
             a_cond = 1.0 + w
-            a_unc = -w * alpha
-        if RESCALE:
-            # In the (cond, cond − uncond) basis: out = (a_cond + a_unc)·cond − a_unc·(cond − uncond).
-            m_out = _quadratic(a_cond + a_unc, -a_unc, 0.0, m00, m11, m22, m01, m02, m12)
+            a_unc = -w * alpha_s
+        # In the (cond, cond − uncond) basis: a_cond·cond + a_unc·uncond = (a_cond + a_unc)·cond − a_unc·(…).
+        a_c = a_cond + a_unc
+        a_r = -a_unc
+    elif KIND == KIND_TCFG:
+        pq, q = _tcfg_coefficients(s02, s01, s11, s00 + s22)
+        u_t = pq * c + q * u
+        if FORMULATION == 0:
+            out = u_t + w * (c - u_t)
+            a_cond = (1.0 - w) * pq + w
+            a_unc = (1.0 - w) * q
+        else:
+            out = c + w * (c - u_t)
+            a_cond = 1.0 + w - w * pq
+            a_unc = -w * q
+        a_c = a_cond + a_unc
+        a_r = -a_unc
+    else:  # KIND_MAG
+        damp = tl.exp(-alpha * (tl.sqrt(s11) / tl.sqrt(s22)))
+        d = c - u
+        if FORMULATION == 0:
+            gain = 1.0 + (w - 1.0) * damp
+            out = u + gain * d
+            a_r = gain - 1.0
+        else:
+            gain = w * damp
+            out = c + gain * d
+            a_r = gain
     if RESCALE:
+        m_out = _quadratic(a_c, a_r, a_d, m00, m11, m22, m01, m02, m12)
         phi = _scale_at(phi, phi_ptr, phi_stride, b, PHI_TENSOR)
         out = _rescaled(out, m00 / (n - 1.0), m_out / (n - 1.0), phi)
     tl.store(out_ptr + b * inner + idx, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -330,7 +443,7 @@ def _scale_args(numbers, tensors, dummy):
 def _moments(plan, out, xs, *, kind, base=0, terms=((0, 0, False),), nt=0, gs=(0.0,), gps=None, gss=(0,),
              ref=0, cond=0, uncond=0, buf=None, momentum=0.0):
     parts, chunk = _layout.partitions(plan.batch, plan.inner, BLOCK, _layout.target_programs(out.device))
-    stats = torch.empty((plan.batch, parts, 10), dtype=torch.float32, device=out.device)
+    stats = torch.empty((plan.batch, parts, 16), dtype=torch.float32, device=out.device)
     _moments_kernel[(plan.batch * parts,)](
         stats, xs, gs, gps if gps is not None else (out,), gss, buf if buf is not None else out, float(momentum),
         plan.inner, chunk, chunk // BLOCK, parts, *_geometry(plan),
@@ -369,11 +482,11 @@ def guidance_combine(a: GuidanceCombineArgs):
             out, xs, gs, gps, gss, stats, phi, phi_ptr, phi_stride,
             plan.inner, tiles, parts, *_geometry(plan),
             BASE=slot[base], TERMS=terms, NT=len(pos), RESCALE=do_rescale, PHI_TENSOR=phi_tensor, RANK=plan.rank,
-            BLOCK=BLOCK, BLOCK_P=triton.next_power_of_2(parts), num_warps=NUM_WARPS)
+            BLOCK=BLOCK, BLOCK_P=triton.next_power_of_2(parts), num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out
 
 
-def _projected(kind, a, *, eta=1.0, threshold=0.0, momentum=0.0, buf=None, formulation=0):
+def _projected(kind, a, *, eta=1.0, threshold=0.0, alpha=0.0, momentum=0.0, buf=None, formulation=0):
     scale, scale_tensor, rescale, rescale_tensor = a.scale, a.scale_tensor, a.rescale, a.rescale_tensor
     branches = split_branches(a.preds, a.num_branches)
     out = _layout.output_like(branches[0])
@@ -390,7 +503,7 @@ def _projected(kind, a, *, eta=1.0, threshold=0.0, momentum=0.0, buf=None, formu
         stats, parts = _moments(plan, out, xs, kind=kind, cond=0, uncond=1, buf=buf, momentum=momentum)
         _projected_kernel[(plan.batch * tiles,)](
             out, xs, stats, buf if buf is not None else out, float(scale), w_ptr, w_stride, float(eta),
-            float(threshold), phi, phi_ptr, phi_stride, plan.inner, tiles, parts, *_geometry(plan),
+            float(threshold), float(alpha), phi, phi_ptr, phi_stride, plan.inner, tiles, parts, *_geometry(plan),
             KIND=kind, COND=0, UNCOND=1, HAS_BUF=buf is not None, FORMULATION=formulation,
             W_TENSOR=scale_tensor is not None, RESCALE=do_rescale, PHI_TENSOR=phi_tensor, RANK=plan.rank,
             BLOCK=BLOCK, BLOCK_P=triton.next_power_of_2(parts), num_warps=NUM_WARPS)
@@ -399,11 +512,19 @@ def _projected(kind, a, *, eta=1.0, threshold=0.0, momentum=0.0, buf=None, formu
 
 def apg_combine(a: ApgCombineArgs):
     return _projected(1, a, eta=a.eta, threshold=a.norm_threshold, momentum=a.momentum, buf=a.momentum_buffer,
-                      formulation=FORMULATIONS[a.formulation])
+                      formulation=_spec.APG_FORMULATION_CODES[a.formulation])
 
 
 apg_combine_momentum = apg_combine  # the same launcher: the record carries the buffer
 
 
 def cfg_zero_star_combine(a: CfgZeroStarCombineArgs):
-    return _projected(2, a, formulation=1 if a.original_formulation else 0)
+    return _projected(2, a, formulation=int(a.original_formulation))
+
+
+def tcfg_combine(a: TcfgCombineArgs):
+    return _projected(3, a, formulation=int(a.original_formulation))
+
+
+def mag_combine(a: MagCombineArgs):
+    return _projected(4, a, alpha=a.alpha, formulation=int(a.original_formulation))

@@ -67,11 +67,11 @@ void emulate_combine(gc::CombineParams& p, bool rescale) {
       const gc::BlockChunk ch = block_chunk(block, p.parts, p.chunk, p.geo.inner);
       float g[gc::kMaxTerms];
       gc::combine_scales(p, ch.b, g);
-      std::vector<gc::Moments<2>> threads(gc::kThreads);
+      std::vector<gc::CombineMoments> threads(gc::kThreads);
       for (uint32_t t = 0; t < gc::kThreads; ++t) {
         gk::Pack<F> s[gc::kMaxBranches];
         for (auto& x : s) x.clear();
-        gc::Moments<2> m = gc::empty_moments<2>();
+        gc::CombineMoments m = gc::empty_moments<gc::CombineMoments>();
         for (int64_t start = first_group(ch, t); start < ch.hi; start += gc::kTile) {
           const int valid = group_size(start, ch.hi);
           gc::combine_load<F, VEC>(p, ch.b, start, valid, s);
@@ -79,7 +79,7 @@ void emulate_combine(gc::CombineParams& p, bool rescale) {
         }
         threads[t] = m;
       }
-      gc::store_row(p.stats + (ch.b * p.parts + ch.part) * gc::kRowFloats, gc::block_total_on_host<2>(threads.data()));
+      gc::store_row(p.stats + (ch.b * p.parts + ch.part) * gc::kRowFloats, gc::block_total_on_host(threads.data()));
     }
   }
   for (uint32_t block = 0; block < static_cast<uint64_t>(blocks); ++block) {  // combine_kernel
@@ -88,7 +88,7 @@ void emulate_combine(gc::CombineParams& p, bool rescale) {
     gc::combine_scales(p, ch.b, g);
     gc::Rescale rs{1.0f, 0.0f, 1.0f};
     if (rescale) {
-      const gc::Moments<2> m = gc::sample_moments_on_host<2>(p.stats, ch.b, p.parts);
+      const gc::CombineMoments m = gc::sample_moments_on_host<gc::CombineMoments>(p.stats, ch.b, p.parts);
       rs = gc::rescale_for(p.phi, p.one_minus_phi, ch.b, m.n, m.m[0], m.m[1]);
     }
     for (uint32_t t = 0; t < gc::kThreads; ++t) {
@@ -166,15 +166,15 @@ void run_combine(Reader& r) {
 
 template <int KIND, Fmt F, Fmt FB, bool VEC>
 void emulate_projected(gc::ProjectedParams& p) {
-  constexpr int NF = gc::Projected<KIND, FB>::kFields;
+  using Stats = typename gc::Projected<KIND, FB>::Stats;
   const int64_t blocks = p.geo.batch * p.parts;
   std::vector<float> stats(static_cast<size_t>(blocks * gc::kRowFloats), 0.0f);
   p.stats = stats.data();
   for (uint32_t block = 0; block < static_cast<uint64_t>(blocks); ++block) {  // projected_moments_kernel
     const gc::BlockChunk ch = block_chunk(block, p.parts, p.chunk, p.geo.inner);
-    std::vector<gc::Moments<NF>> threads(gc::kThreads);
+    std::vector<Stats> threads(gc::kThreads);
     for (uint32_t t = 0; t < gc::kThreads; ++t) {
-      gc::Moments<NF> m = gc::empty_moments<NF>();
+      Stats m = gc::empty_moments<Stats>();
       for (int64_t start = first_group(ch, t); start < ch.hi; start += gc::kTile) {
         const int valid = group_size(start, ch.hi);
         gc::ProjectedGroup<F, FB> in{};
@@ -183,12 +183,12 @@ void emulate_projected(gc::ProjectedParams& p) {
       }
       threads[t] = m;
     }
-    gc::store_row(p.stats + (ch.b * p.parts + ch.part) * gc::kRowFloats, gc::block_total_on_host<NF>(threads.data()));
+    gc::store_row(p.stats + (ch.b * p.parts + ch.part) * gc::kRowFloats, gc::block_total_on_host(threads.data()));
   }
   for (uint32_t block = 0; block < static_cast<uint64_t>(blocks); ++block) {  // projected_kernel
     const gc::BlockChunk ch = block_chunk(block, p.parts, p.chunk, p.geo.inner);
     const gc::ProjectedCoef k =
-        gc::projected_coefficients<KIND, FB>(p, gc::sample_moments_on_host<NF>(p.stats, ch.b, p.parts), ch.b);
+        gc::projected_coefficients<KIND, FB>(p, gc::sample_moments_on_host<Stats>(p.stats, ch.b, p.parts), ch.b);
     for (uint32_t t = 0; t < gc::kThreads; ++t) {
       for (int64_t start = first_group(ch, t); start < ch.hi; start += gc::kTile) {
         const int valid = group_size(start, ch.hi);
@@ -213,6 +213,8 @@ void projected_path(gc::ProjectedParams& p, bool vec) {
 template <Fmt F>
 void projected_kind(gc::ProjectedParams& p, int kind, Fmt fb, bool vec) {
   if (kind == gc::kCfgZeroStar) return projected_path<gc::kCfgZeroStar, F, Fmt::None>(p, vec);
+  if (kind == gc::kTcfg) return projected_path<gc::kTcfg, F, Fmt::None>(p, vec);
+  if (kind == gc::kMag) return projected_path<gc::kMag, F, Fmt::None>(p, vec);
   switch (fb) {
     case Fmt::None: return projected_path<gc::kApg, F, Fmt::None>(p, vec);
     case Fmt::F32: return projected_path<gc::kApg, F, Fmt::F32>(p, vec);
@@ -262,6 +264,8 @@ void run_projected(Reader& r) {
   p.threshold = static_cast<float>(r.f64());
   r.expect("momentum");
   p.momentum = static_cast<float>(r.f64());
+  r.expect("alpha");
+  p.alpha = static_cast<float>(r.f64());
   r.expect("rescale");
   p.rescale = static_cast<int32_t>(r.i64());
   double phi = 0.0;
@@ -330,11 +334,14 @@ void run_convert(Reader& r) {
   return convert<Fmt::F32>(r, count);
 }
 
-template <int NF>
-void print_moments(const char* name, const gc::Moments<NF>& m) {
+// Every statistic of three fields (all centred, all raw sums): what the test checks.
+using AllMoments = gc::Moments<3, 3, 0b111111u>;
+
+void print_moments(const char* name, const AllMoments& m) {
   std::printf("%s %a", name, static_cast<double>(m.n));
-  for (int i = 0; i < NF; ++i) std::printf(" %a", static_cast<double>(m.mean[i]));
-  for (int k = 0; k < gc::Moments<NF>::kPairs; ++k) std::printf(" %a", static_cast<double>(m.m[k]));
+  for (int i = 0; i < 3; ++i) std::printf(" %a", static_cast<double>(m.mean[i]));
+  for (int k = 0; k < AllMoments::kCentred; ++k) std::printf(" %a", static_cast<double>(m.m[k]));
+  for (int k = 0; k < AllMoments::kPairs; ++k) std::printf(" %a", static_cast<double>(m.s[k]));
   std::printf("\n");
 }
 
@@ -352,9 +359,9 @@ void run_moments(Reader& r) {
     const int valid = group_size(start, hi);
     for (int i = 0; i < 3; ++i)
       for (int e = 0; e < valid; ++e) v[i][e] = f[i][start + e];
-    return gc::group_moments<3>(v, valid);
+    return gc::group_moments<AllMoments>(v, valid);
   };
-  gc::Moments<3> seq = gc::empty_moments<3>();
+  AllMoments seq = gc::empty_moments<AllMoments>();
   for (int64_t s = 0; s < count; s += gk::kGroup) seq = gc::merge(seq, group_at(s, count));
   print_moments("sequential", seq);
   const int64_t chunk = ((count + parts - 1) / parts + gc::kTile - 1) / gc::kTile * gc::kTile;
@@ -362,18 +369,18 @@ void run_moments(Reader& r) {
   std::vector<float> rows(static_cast<size_t>(nparts * gc::kRowFloats));
   for (int64_t part = 0; part < nparts; ++part) {
     const int64_t lo = part * chunk, hi = lo + chunk < count ? lo + chunk : count;
-    std::vector<gc::Moments<3>> threads(gc::kThreads);
+    std::vector<AllMoments> threads(gc::kThreads);
     for (uint32_t t = 0; t < gc::kThreads; ++t) {
-      threads[t] = gc::empty_moments<3>();
+      threads[t] = gc::empty_moments<AllMoments>();
       for (int64_t s = lo + int64_t(t) * gk::kGroup; s < hi; s += gc::kTile) {
         threads[t] = gc::merge(threads[t], group_at(s, hi));
       }
     }
-    const gc::Moments<3> total = gc::block_total_on_host<3>(threads.data());
+    const AllMoments total = gc::block_total_on_host(threads.data());
     if (part == 0) print_moments("block", total);
     gc::store_row(rows.data() + part * gc::kRowFloats, total);
   }
-  print_moments("rows", gc::sample_moments_on_host<3>(rows.data(), 0, nparts));
+  print_moments("rows", gc::sample_moments_on_host<AllMoments>(rows.data(), 0, nparts));
 }
 
 }  // namespace

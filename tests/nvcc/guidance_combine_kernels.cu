@@ -15,11 +15,13 @@ using guidance_kernels::NoBuffer;
   template __global__ void gk::projected_moments_kernel<KIND, T, BUF, VEC>(const gk::ProjectedParams); \
   template __global__ void gk::projected_kernel<KIND, T, BUF, VEC>(const gk::ProjectedParams);
 
-#define GK_ALL_FOR_TYPE(T, VEC)                  \
-  GK_COMBINE(T, VEC)                             \
-  GK_PROJECTED(gk::kApg, T, NoBuffer, VEC)       \
-  GK_PROJECTED(gk::kApg, T, float, VEC)          \
-  GK_PROJECTED(gk::kCfgZeroStar, T, NoBuffer, VEC)
+#define GK_ALL_FOR_TYPE(T, VEC)                    \
+  GK_COMBINE(T, VEC)                               \
+  GK_PROJECTED(gk::kApg, T, NoBuffer, VEC)         \
+  GK_PROJECTED(gk::kApg, T, float, VEC)            \
+  GK_PROJECTED(gk::kCfgZeroStar, T, NoBuffer, VEC) \
+  GK_PROJECTED(gk::kTcfg, T, NoBuffer, VEC)        \
+  GK_PROJECTED(gk::kMag, T, NoBuffer, VEC)
 
 #define GK_BOTH_PATHS(T) GK_ALL_FOR_TYPE(T, true) GK_ALL_FOR_TYPE(T, false)
 
@@ -32,5 +34,5 @@ GK_PROJECTED(gk::kApg, __half, __half, false)
 GK_PROJECTED(gk::kApg, __nv_bfloat16, __nv_bfloat16, true)
 GK_PROJECTED(gk::kApg, __nv_bfloat16, __nv_bfloat16, false)
 
-// 3 types x 2 paths x (2 combine + 3 x 2 projected) + 4 x 2 (16-bit buffers) = 56 kernels.
-constexpr int GK_EXPECTED_KERNELS = 56;
+// 3 types x 2 paths x (2 combine + 5 x 2 projected) + 4 x 2 (16-bit buffers) = 80 kernels.
+constexpr int GK_EXPECTED_KERNELS = 80;

@@ -1,5 +1,6 @@
-// CUDA kernels of the combine family: guidance_combine, apg_combine, cfg_zero_star_combine.
-// Raw pointers, sizes and strides only; no torch headers. csrc/guidance_combine.cu launches them.
+// CUDA kernels of the combine family: guidance_combine, apg_combine, cfg_zero_star_combine,
+// tcfg_combine, mag_combine. Raw pointers, sizes and strides only; no torch headers.
+// csrc/guidance_combine.cu launches them.
 //
 // The design mirrors guidance_kernels/triton/guidance_combine.py (read its docstring first):
 //
@@ -11,16 +12,22 @@
 //  * Plain combine: ONE launch of combine_kernel, acc = D[base] + sum_t g_t (D[pos_t] - D[neg_t])
 //    in fp32 with one rounding per operation in the reference's order (bit-identical to the
 //    eager fp32 reference), stored in the input dtype.
-//  * Rescale / APG / CFG-Zero*: TWO launches, no atomics, no host sync. Pass 1
+//  * Rescale / APG / CFG-Zero* / TCFG / MAG: TWO launches, no atomics, no host sync. Pass 1
 //    (*_moments_kernel) gives one row per (sample, chunk): count, means and centred co-moments of
 //    two or three fp32 fields, merged with Chan's formula (groups of 8 -> thread -> warp -> block,
-//    a fixed order, so the result is deterministic). Pass 2 (combine_kernel /
-//    projected_kernel) merges its sample's rows (every block of a sample in the same order, hence
-//    the same per-sample coefficients), derives the rescale ratio, the APG projection or the
-//    CFG-Zero* alpha, recomputes its elements from the inputs and writes them. Fields per kind:
-//    combine (ref, acc); APG (cond, cond - uncond[, running diff]); CFG-Zero* (cond, cond -
-//    uncond, uncond). Every output whose std is needed is linear in the fields with per-sample
-//    coefficients, so its variance is a quadratic form of the co-moments.
+//    a fixed order, so the result is deterministic; a group's mean is taken relative to its first
+//    element, so constant data has exactly zero co-moments and rescales to 0/0 = NaN like
+//    torch.std), and the raw dot products sum f_i f_j (plain sums: inf and NaN propagate as in
+//    torch's sums). Pass 2 (combine_kernel / projected_kernel) merges its sample's rows (every
+//    block of a sample in the same order, hence the same per-sample coefficients), derives the
+//    rescale ratio (centred moments), the APG projection, the CFG-Zero* alpha, TCFG's projection
+//    or MAG's damped scale (raw sums), recomputes its elements from the inputs and writes them.
+//    Fields per kind: combine (ref, acc); APG (cond, cond - uncond[, running diff]); CFG-Zero*,
+//    TCFG, MAG (cond, cond - uncond, uncond). Every output whose std is needed is linear in the
+//    fields with per-sample coefficients, so its variance is a quadratic form of the co-moments.
+//    Minima and maxima go through min_nan / max_nan (NaN propagates like torch.minimum / clamp).
+//    Every operation rounds explicitly, so the host emulation computes the device's bits — except
+//    MAG's exp (one per sample), where the device's expf and the host's libm may differ by an ulp.
 //
 // Paths. Fast path (VEC = true), chosen on the host: rank 1, unit stride, inner % 8 == 0 and
 // every pointer and the batch stride 16-byte aligned; a group is one 16-byte load per input
@@ -48,6 +55,8 @@
 
 #include "common.cuh"
 
+#include <type_traits>
+
 namespace guidance_kernels {
 namespace combine {
 
@@ -56,111 +65,156 @@ constexpr int kMaxTerms = 8;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTile = kThreads * kGroup;  // elements per block step; chunks are multiples of it
-constexpr int kRowFloats = 12;  // n, mean0..2, M00, M11, M22, M01, M02, M12, 2 pad (48 B rows)
+// n, mean0..2, M00 M11 M22 M01 M02 M12 (centred), S00 S11 S22 S01 S02 S12 (raw): 64 B rows
+constexpr int kRowFloats = 16;
 
-enum Kind : int { kApg = 1, kCfgZeroStar = 2 };
-enum ApgFormulation : int { kPaper = 0, kDiffusers = 1, kDiffusersOriginal = 2 };
+enum Kind : int { kApg = 1, kCfgZeroStar = 2, kTcfg = 3, kMag = 4 };
+// guidance_kernels/_spec.py APG_FORMULATION_CODES; kCfg / kCfgOriginal: AdaptiveProjectedMix's CFG phase.
+enum ApgFormulation : int { kPaper = 0, kDiffusers = 1, kDiffusersOriginal = 2, kCfg = 3, kCfgOriginal = 4 };
+constexpr float kNormalizeEps = 1e-12f;  // F.normalize
+constexpr float kCfg0Eps = 1e-8f;        // CFG-Zero*'s ||u||^2 + 1e-8
 
 // --------------------------------------------------------------------------- moments
 
-// Count, means and centred co-moments M_ij = sum (f_i - mean_i)(f_j - mean_j) of NF fields.
-// m[] holds the diagonal first, then the upper triangle: NF = 2: M00 M11 M01; NF = 3: M00 M11
-// M22 M01 M02 M12.
-template <int NF>
-struct Moments {
-  static constexpr int kPairs = NF * (NF + 1) / 2;
-  float n;
-  float mean[NF];
-  float m[kPairs];
-};
-
-template <int NF>
+// Pair (i, j), i <= j, of F fields: the diagonal first, then the upper triangle
+// (F = 2: 00 11 01; F = 3: 00 11 22 01 02 12).
+template <int F>
 GK_HD constexpr int pair_index(int i, int j) {
-  return i == j ? i : (NF == 2 ? 2 : 2 + i + j);
+  return i == j ? i : (F == 2 ? 2 : 2 + i + j);
 }
 
-// Position of M_ij in a stats row.
-GK_HD constexpr int row_index(int i, int j) { return i == j ? 4 + i : 6 + i + j; }
+// Statistics of NF fields: count, means and centred co-moments M_ij = sum (f_i - mean_i)(f_j -
+// mean_j) of the first NC fields, and the raw sums S_ij = sum f_i f_j of the pairs in the bit
+// mask RAW (bit pair_index<NF>(i, j)). Each kind keeps only what its coefficients read, which
+// keeps the moments kernels within 128 registers.
+template <int NF_, int NC_, unsigned RAW_>
+struct Moments {
+  static constexpr int NF = NF_;
+  static constexpr int NC = NC_;
+  static constexpr unsigned kRaw = RAW_;
+  static constexpr int kPairs = NF * (NF + 1) / 2;
+  static constexpr int kCentred = NC * (NC + 1) / 2;
+  static GK_HD constexpr bool raw(int i, int j) { return ((kRaw >> pair_index<NF>(i, j)) & 1u) != 0; }
+  float n;
+  float mean[NC];
+  float m[kCentred];
+  float s[kPairs];  // entries outside RAW stay 0
+};
 
-template <int NF>
-GK_HD Moments<NF> empty_moments() {
-  Moments<NF> r;
+// Position of M_ij (and S_ij, kRawOffset further on) in a stats row.
+GK_HD constexpr int row_index(int i, int j) { return i == j ? 4 + i : 6 + i + j; }
+constexpr int kRawOffset = 6;
+
+template <class M>
+GK_HD M empty_moments() {
+  M r;
   r.n = 0.0f;
   GK_UNROLL
-  for (int i = 0; i < NF; ++i) r.mean[i] = 0.0f;
+  for (int i = 0; i < M::NC; ++i) r.mean[i] = 0.0f;
   GK_UNROLL
-  for (int k = 0; k < Moments<NF>::kPairs; ++k) r.m[k] = 0.0f;
+  for (int k = 0; k < M::kCentred; ++k) r.m[k] = 0.0f;
+  GK_UNROLL
+  for (int k = 0; k < M::kPairs; ++k) r.s[k] = 0.0f;
   return r;
 }
 
 // Chan, Golub & LeVeque's pairwise update. An empty side (n = 0, means 0) leaves the other exact.
-template <int NF>
-GK_HD Moments<NF> merge(const Moments<NF>& a, const Moments<NF>& b) {
-  Moments<NF> r;
+template <class M>
+GK_HD M merge(const M& a, const M& b) {
+  M r;
   r.n = add_rn(a.n, b.n);
   const float w = div_rn(b.n, r.n > 1.0f ? r.n : 1.0f);  // counts are whole numbers
   const float cross = mul_rn(a.n, w);                      // a.n * b.n / n
-  float d[NF];
+  float d[M::NC];
   GK_UNROLL
-  for (int i = 0; i < NF; ++i) {
+  for (int i = 0; i < M::NC; ++i) {
     d[i] = sub_rn(b.mean[i], a.mean[i]);
     r.mean[i] = fma_rn(d[i], w, a.mean[i]);
   }
   GK_UNROLL
-  for (int i = 0; i < NF; ++i) {
+  for (int i = 0; i < M::NC; ++i) {
     GK_UNROLL
-    for (int j = i; j < NF; ++j) {
-      const int k = pair_index<NF>(i, j);
+    for (int j = i; j < M::NC; ++j) {
+      const int k = pair_index<M::NC>(i, j);
       r.m[k] = add_rn(add_rn(a.m[k], b.m[k]), mul_rn(mul_rn(d[i], d[j]), cross));
     }
   }
-  return r;
-}
-
-// Exact-order moments of one group: elements e < valid of f[i][e].
-template <int NF>
-GK_HD Moments<NF> group_moments(const float (&f)[NF][kGroup], int valid) {
-  Moments<NF> r = empty_moments<NF>();
-  if (valid <= 0) return r;
-  r.n = static_cast<float>(valid);
-  float dev[NF][kGroup];
   GK_UNROLL
-  for (int i = 0; i < NF; ++i) {
-    float sum = 0.0f;
+  for (int i = 0; i < M::NF; ++i) {
     GK_UNROLL
-    for (int e = 0; e < kGroup; ++e) sum = add_rn(sum, e < valid ? f[i][e] : 0.0f);
-    // Division by 8 is exact as a multiplication: skip the division sequence for full groups.
-    r.mean[i] = valid == kGroup ? mul_rn(sum, 1.0f / kGroup) : div_rn(sum, r.n);
-    GK_UNROLL
-    for (int e = 0; e < kGroup; ++e) dev[i][e] = e < valid ? sub_rn(f[i][e], r.mean[i]) : 0.0f;
-  }
-  GK_UNROLL
-  for (int i = 0; i < NF; ++i) {
-    GK_UNROLL
-    for (int j = i; j < NF; ++j) {
-      float acc = 0.0f;
-      GK_UNROLL
-      for (int e = 0; e < kGroup; ++e) acc = fma_rn(dev[i][e], dev[j][e], acc);
-      r.m[pair_index<NF>(i, j)] = acc;
+    for (int j = i; j < M::NF; ++j) {
+      const int k = pair_index<M::NF>(i, j);
+      r.s[k] = M::raw(i, j) ? add_rn(a.s[k], b.s[k]) : 0.0f;
     }
   }
   return r;
 }
 
-template <int NF>
-GK_HD void store_row(float* row, const Moments<NF>& m) {
+// Exact-order moments of one group: elements e < valid of f[i][e] (overwritten: the deviations
+// are formed in place, so one group's values occupy registers once). The mean is taken relative
+// to the group's first element (pivot + mean of the differences): a constant group gets its value
+// as mean exactly and zero deviations, and merging equal means keeps them exact.
+template <class M>
+GK_HD M group_moments(float (&f)[M::NF][kGroup], int valid) {
+  M r = empty_moments<M>();
+  if (valid <= 0) return r;
+  r.n = static_cast<float>(valid);
+  GK_UNROLL
+  for (int i = 0; i < M::NF; ++i) {
+    GK_UNROLL
+    for (int j = i; j < M::NF; ++j) {
+      if (!M::raw(i, j)) continue;
+      float raw = 0.0f;
+      GK_UNROLL
+      for (int e = 0; e < kGroup; ++e) {
+        if (e < valid) raw = fma_rn(f[i][e], f[j][e], raw);
+      }
+      r.s[pair_index<M::NF>(i, j)] = raw;
+    }
+  }
+  GK_UNROLL
+  for (int i = 0; i < M::NC; ++i) {
+    const float pivot = f[i][0];
+    float sum = 0.0f;
+    GK_UNROLL
+    for (int e = 0; e < kGroup; ++e) sum = add_rn(sum, e < valid ? sub_rn(f[i][e], pivot) : 0.0f);
+    // Division by 8 is exact as a multiplication: skip the division sequence for full groups.
+    r.mean[i] = add_rn(pivot, valid == kGroup ? mul_rn(sum, 1.0f / kGroup) : div_rn(sum, r.n));
+    GK_UNROLL
+    for (int e = 0; e < kGroup; ++e) f[i][e] = e < valid ? sub_rn(f[i][e], r.mean[i]) : 0.0f;
+  }
+  GK_UNROLL
+  for (int i = 0; i < M::NC; ++i) {
+    GK_UNROLL
+    for (int j = i; j < M::NC; ++j) {
+      float acc = 0.0f;
+      GK_UNROLL
+      for (int e = 0; e < kGroup; ++e) acc = fma_rn(f[i][e], f[j][e], acc);
+      r.m[pair_index<M::NC>(i, j)] = acc;
+    }
+  }
+  return r;
+}
+
+template <class M>
+GK_HD void store_row(float* row, const M& m) {
   float v[kRowFloats];
   GK_UNROLL
   for (int k = 0; k < kRowFloats; ++k) v[k] = 0.0f;
   v[0] = m.n;
   GK_UNROLL
-  for (int i = 0; i < NF; ++i) {
+  for (int i = 0; i < M::NC; ++i) {
     v[1 + i] = m.mean[i];
     GK_UNROLL
-    for (int j = i; j < NF; ++j) v[row_index(i, j)] = m.m[pair_index<NF>(i, j)];
+    for (int j = i; j < M::NC; ++j) v[row_index(i, j)] = m.m[pair_index<M::NC>(i, j)];
+  }
+  GK_UNROLL
+  for (int i = 0; i < M::NF; ++i) {
+    GK_UNROLL
+    for (int j = i; j < M::NF; ++j) v[row_index(i, j) + kRawOffset] = m.s[pair_index<M::NF>(i, j)];
   }
 #if defined(__CUDA_ARCH__)
-  float4* out = reinterpret_cast<float4*>(row);  // rows are 48 B apart in a 16 B aligned buffer
+  float4* out = reinterpret_cast<float4*>(row);  // rows are 64 B apart in a 16 B aligned buffer
   GK_UNROLL
   for (int q = 0; q < kRowFloats / 4; ++q) out[q] = make_float4(v[4 * q], v[4 * q + 1], v[4 * q + 2], v[4 * q + 3]);
 #else
@@ -168,8 +222,8 @@ GK_HD void store_row(float* row, const Moments<NF>& m) {
 #endif
 }
 
-template <int NF>
-GK_HD Moments<NF> load_row(const float* row) {
+template <class M>
+GK_HD M load_row(const float* row) {
   float v[kRowFloats];
 #if defined(__CUDA_ARCH__)
   const float4* in = reinterpret_cast<const float4*>(row);
@@ -184,37 +238,52 @@ GK_HD Moments<NF> load_row(const float* row) {
 #else
   for (int k = 0; k < kRowFloats; ++k) v[k] = row[k];
 #endif
-  Moments<NF> m;
+  M m;
   m.n = v[0];
   GK_UNROLL
-  for (int i = 0; i < NF; ++i) {
+  for (int i = 0; i < M::NC; ++i) {
     m.mean[i] = v[1 + i];
     GK_UNROLL
-    for (int j = i; j < NF; ++j) m.m[pair_index<NF>(i, j)] = v[row_index(i, j)];
+    for (int j = i; j < M::NC; ++j) m.m[pair_index<M::NC>(i, j)] = v[row_index(i, j)];
+  }
+  GK_UNROLL
+  for (int i = 0; i < M::NF; ++i) {
+    GK_UNROLL
+    for (int j = i; j < M::NF; ++j) m.s[pair_index<M::NF>(i, j)] = v[row_index(i, j) + kRawOffset];
   }
   return m;
 }
 
-// sum f_i f_j from the centred moments (exact identity; no cancellation for i == j).
-template <int NF>
-GK_HD float raw_dot(const Moments<NF>& m, int i, int j) {
-  return add_rn(m.m[pair_index<NF>(i, j)], mul_rn(mul_rn(m.n, m.mean[i]), m.mean[j]));
+// sum f_i f_j: a raw sum (an inf or a NaN in the data propagates as in a plain sum).
+template <class M>
+GK_HD float raw_dot(const M& m, int i, int j) {
+  return m.s[pair_index<M::NF>(i, j)];
 }
 
-// a^T M a for the symmetric co-moment matrix, clamped at 0 (rounding can go below).
-template <int NF>
-GK_HD float quadratic(const Moments<NF>& m, const float (&a)[NF]) {
+// a^T M a for the symmetric co-moment matrix of the centred fields, clamped at 0 (rounding can go
+// below; NaN stays).
+template <class M>
+GK_HD float quadratic(const M& m, const float (&a)[M::NC]) {
   float diag = 0.0f;
   float off = 0.0f;
   GK_UNROLL
-  for (int i = 0; i < NF; ++i) {
-    diag = fma_rn(mul_rn(a[i], a[i]), m.m[pair_index<NF>(i, i)], diag);
+  for (int i = 0; i < M::NC; ++i) {
+    diag = fma_rn(mul_rn(a[i], a[i]), m.m[pair_index<M::NC>(i, i)], diag);
     GK_UNROLL
-    for (int j = i + 1; j < NF; ++j) off = fma_rn(mul_rn(a[i], a[j]), m.m[pair_index<NF>(i, j)], off);
+    for (int j = i + 1; j < M::NC; ++j) off = fma_rn(mul_rn(a[i], a[j]), m.m[pair_index<M::NC>(i, j)], off);
   }
   const float q = fma_rn(2.0f, off, diag);
   return q > 0.0f ? q : (is_nan(q) ? q : 0.0f);
 }
+
+// The statistics each kernel keeps. Combine: (ref, acc), centred only. APG: (cond, cond - uncond)
+// with raw 00 11 01, or with a momentum buffer (cond, cond - uncond, running) all centred and raw
+// 00 22 02. CFG-Zero*, TCFG, MAG: (cond, cond - uncond, uncond), the first two centred, raw
+// 00 11 22 01 02.
+using CombineMoments = Moments<2, 2, 0u>;
+using ApgMoments = Moments<2, 2, 0b111u>;
+using ApgBufferMoments = Moments<3, 3, 0b010101u>;
+using PairMoments = Moments<3, 2, 0b011111u>;
 
 // --------------------------------------------------------------------------- per-sample coefficients
 
@@ -247,12 +316,14 @@ GK_HD Rescale rescale_for(const Scale& phi, float one_minus_phi_number, int64_t 
 // APG (Sadat et al. Algorithm 1) per sample: with d the (running) difference and c the cond,
 //   f = min(1, r / ||d||) if r > 0 else 1;  par = <f d, c> / ||c||^2 (||c|| >= 1e-12 like F.normalize)
 //   update = (f d - par c) + eta par c;  out = X + gain * update,  X = c or u (diffusers formulation)
+// The CFG formulations (AdaptiveProjectedMix's CFG phase) give out = X + gain * (c - u).
 struct ApgCoef {
   float f, par, eta, gain;
-  bool from_uncond;
+  bool from_uncond, cfg;
 };
 
 GK_HD float apg_element(float c, float u, float d, const ApgCoef& k) {
+  if (k.cfg) return add_rn(k.from_uncond ? u : c, mul_rn(k.gain, sub_rn(c, u)));
   const float diff = mul_rn(k.f, d);
   const float par = mul_rn(k.par, c);
   const float update = add_rn(sub_rn(diff, par), mul_rn(k.eta, par));
@@ -260,18 +331,28 @@ GK_HD float apg_element(float c, float u, float d, const ApgCoef& k) {
 }
 
 // Fields: 0 = cond, 1 = cond - uncond, 2 = running difference (momentum buffer) when present.
-template <int NF>
-GK_HD ApgCoef apg_coefficients(const Moments<NF>& m, float gain, float eta, float threshold, int formulation,
-                               float* m_out) {
+template <class M>
+GK_HD ApgCoef apg_coefficients(const M& m, float gain, float eta, float threshold, int formulation, float* m_out) {
+  constexpr int NF = M::NF;
+  float a[NF];
+  GK_UNROLL
+  for (int i = 0; i < NF; ++i) a[i] = 0.0f;
+  a[0] = 1.0f;
+  if (formulation >= kCfg) {
+    const bool from_uncond = formulation == kCfg;
+    // out = cond + (gain - 1 or gain) (cond - uncond)
+    a[1] = from_uncond ? sub_rn(gain, 1.0f) : gain;
+    *m_out = quadratic(m, a);
+    return ApgCoef{1.0f, 0.0f, eta, gain, from_uncond, true};
+  }
   constexpr int kD = NF == 3 ? 2 : 1;
   const float r_cc = raw_dot(m, 0, 0);
   const float r_dd = raw_dot(m, kD, kD);
   const float r_dc = raw_dot(m, 0, kD);
   const float f = threshold > 0.0f ? min_nan(1.0f, div_rn(threshold, sqrt_rn(r_dd))) : 1.0f;
-  const float c_norm = max_nan(sqrt_rn(r_cc), 1e-12f);
-  ApgCoef k{f, div_rn(div_rn(mul_rn(f, r_dc), c_norm), c_norm), eta, gain, formulation == kDiffusers};
+  const float c_norm = max_nan(sqrt_rn(r_cc), kNormalizeEps);
+  ApgCoef k{f, div_rn(div_rn(mul_rn(f, r_dc), c_norm), c_norm), eta, gain, formulation == kDiffusers, false};
   // out = a_c cond + a_r (cond - uncond) + a_d running
-  float a[NF];
   a[0] = fma_rn(mul_rn(gain, sub_rn(eta, 1.0f)), k.par, 1.0f);
   a[1] = k.from_uncond ? -1.0f : 0.0f;
   const float a_d = mul_rn(gain, f);
@@ -282,6 +363,12 @@ GK_HD ApgCoef apg_coefficients(const Moments<NF>& m, float gain, float eta, floa
   }
   *m_out = quadratic(m, a);
   return k;
+}
+
+// In the (cond, cond - uncond) basis: a_cond cond + a_unc uncond = (a_cond + a_unc) cond - a_unc (cond - uncond).
+GK_HD float variance_cu(const PairMoments& m, float a_cond, float a_unc) {
+  const float a[2] = {add_rn(a_cond, a_unc), -a_unc};
+  return quadratic(m, a);
 }
 
 // CFG-Zero*: alpha = <c, u> / (||u||^2 + 1e-8);  out = X + w (c - alpha u), X = alpha u (default)
@@ -297,12 +384,81 @@ GK_HD float cfg0_element(float c, float u, const Cfg0Coef& k) {
   return add_rn(k.original ? c : u_alpha, mul_rn(k.w, shift));
 }
 
-GK_HD Cfg0Coef cfg0_coefficients(const Moments<3>& m, float w, bool original, float* m_out) {
-  const Cfg0Coef k{div_rn(raw_dot(m, 0, 2), add_rn(raw_dot(m, 2, 2), 1e-8f)), w, original};
-  // out = a_cond cond + a_unc uncond = (a_cond + a_unc) cond - a_unc (cond - uncond)
+GK_HD Cfg0Coef cfg0_coefficients(const PairMoments& m, float w, bool original, float* m_out) {
+  const Cfg0Coef k{div_rn(raw_dot(m, 0, 2), add_rn(raw_dot(m, 2, 2), kCfg0Eps)), w, original};
   const float a_cond = original ? add_rn(1.0f, w) : w;
   const float a_unc = original ? -mul_rn(w, k.alpha) : mul_rn(k.alpha, sub_rn(1.0f, w));
-  const float a[3] = {add_rn(a_cond, a_unc), -a_unc, 0.0f};
+  *m_out = variance_cu(m, a_cond, a_unc);
+  return k;
+}
+
+// TCFG (guidance_kernels.tcfg_combine): u' = pq c + q u with (pq, q) = (e_c e_u, e_u^2) of the
+// Gram matrix's principal unit eigenvector, from <c,u>, <c,c-u>, ||c-u||^2; out = X + w (c - u'),
+// X = u' (default) or c (original). r = 0 (two equal eigenvalues) takes cond's direction: pq = q = 0.
+// poison = ||c||^2 + ||u||^2 turns the coefficients into NaN for a sample holding inf or NaN.
+struct TcfgCoef {
+  float pq, q, w;
+  bool original;
+};
+
+GK_HD void tcfg_projection(float s_cu, float s_cd, float s_dd, float poison, float* pq, float* q) {
+  const float delta = sub_rn(mul_rn(2.0f, s_cd), s_dd);
+  const float two_b = mul_rn(2.0f, s_cu);
+  const float big = max_nan(delta < 0.0f ? -delta : delta, two_b < 0.0f ? -two_b : two_b);
+  const float unit = big > 0.0f ? big : 1.0f;
+  const float x = div_rn(delta, unit);
+  const float y = div_rn(two_b, unit);
+  const float r = add_rn(mul_rn(big, sqrt_rn(add_rn(mul_rn(x, x), mul_rn(y, y)))), sub_rn(poison, poison));
+  if (r == 0.0f) {
+    *pq = 0.0f;
+    *q = 0.0f;
+    return;
+  }
+  *pq = div_rn(s_cu, r);
+  *q = delta >= 0.0f ? mul_rn(mul_rn(2.0f, *pq), div_rn(s_cu, add_rn(r, delta)))
+                     : div_rn(sub_rn(r, delta), mul_rn(2.0f, r));
+}
+
+GK_HD float tcfg_element(float c, float u, const TcfgCoef& k) {
+  const float u_t = add_rn(mul_rn(k.pq, c), mul_rn(k.q, u));
+  return add_rn(k.original ? c : u_t, mul_rn(k.w, sub_rn(c, u_t)));
+}
+
+GK_HD TcfgCoef tcfg_coefficients(const PairMoments& m, float w, bool original, float* m_out) {
+  TcfgCoef k{0.0f, 0.0f, w, original};
+  tcfg_projection(raw_dot(m, 0, 2), raw_dot(m, 0, 1), raw_dot(m, 1, 1), add_rn(raw_dot(m, 0, 0), raw_dot(m, 2, 2)),
+                  &k.pq, &k.q);
+  const float one_minus_w = sub_rn(1.0f, w);
+  const float a_cond = original ? sub_rn(add_rn(1.0f, w), mul_rn(w, k.pq)) : add_rn(mul_rn(one_minus_w, k.pq), w);
+  const float a_unc = original ? -mul_rn(w, k.q) : mul_rn(one_minus_w, k.q);
+  *m_out = variance_cu(m, a_cond, a_unc);
+  return k;
+}
+
+// MAG (guidance_kernels.mag_combine): ratio = ||c - u|| / ||u||, damp = exp(-alpha ratio);
+// gain = 1 + (w - 1) damp (default) or w damp (original); out = X + gain (c - u), X = u or c.
+struct MagCoef {
+  float gain;
+  bool original;
+};
+
+GK_HD float exp_f(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+GK_HD float mag_element(float c, float u, const MagCoef& k) {
+  return add_rn(k.original ? c : u, mul_rn(k.gain, sub_rn(c, u)));
+}
+
+GK_HD MagCoef mag_coefficients(const PairMoments& m, float w, float alpha, bool original, float* m_out) {
+  const float ratio = div_rn(sqrt_rn(raw_dot(m, 1, 1)), sqrt_rn(raw_dot(m, 2, 2)));
+  const float damp = exp_f(mul_rn(-alpha, ratio));
+  const MagCoef k{original ? mul_rn(w, damp) : add_rn(1.0f, mul_rn(sub_rn(w, 1.0f), damp)), original};
+  const float a[2] = {1.0f, original ? k.gain : sub_rn(k.gain, 1.0f)};  // cond + (.) (cond - uncond)
   *m_out = quadratic(m, a);
   return k;
 }
@@ -425,14 +581,14 @@ GK_HD void combine_values(const CombineParams& p, const Pack<F> (&s)[kMaxBranche
 
 // Pass 1 of a rescaled combine: fields (D[ref], acc).
 template <Fmt F>
-GK_HD Moments<2> combine_group_moments(const CombineParams& p, const Pack<F> (&s)[kMaxBranches],
+GK_HD CombineMoments combine_group_moments(const CombineParams& p, const Pack<F> (&s)[kMaxBranches],
                                        const float (&g)[kMaxTerms], int valid) {
   float f[2][kGroup];
   combine_values<F>(p, s, g, f[1]);
   const Pack<F> ref = pick(s, p.ref);
   GK_UNROLL
   for (int e = 0; e < kGroup; ++e) f[0][e] = ref.get(e);
-  return group_moments<2>(f, valid);
+  return group_moments<CombineMoments>(f, valid);
 }
 
 template <Fmt F>
@@ -463,7 +619,8 @@ struct ProjectedParams {
   Scale w;            // guidance scale
   float gain_number;  // APG gain (w - 1 or w) for a number w, rounded once from double
   float eta, threshold;
-  int32_t formulation;  // ApgFormulation; CFG-Zero*: 1 = original formulation
+  float alpha;          // MAG
+  int32_t formulation;  // ApgFormulation; CFG-Zero*, TCFG, MAG: 1 = original formulation
   int32_t rescale;
   Scale phi;
   float one_minus_phi;
@@ -477,7 +634,10 @@ template <int KIND, Fmt FB>
 struct Projected {
   static_assert(KIND == kApg || FB == Fmt::None, "only APG has a momentum buffer");
   static constexpr bool kHasBuf = FB != Fmt::None;
-  static constexpr int kFields = (KIND == kApg && !kHasBuf) ? 2 : 3;
+  using Stats = typename std::conditional<KIND == kApg, typename std::conditional<kHasBuf, ApgBufferMoments,
+                                                                               ApgMoments>::type,
+                                          PairMoments>::type;
+  static constexpr int kFields = Stats::NF;
 };
 
 // The group's inputs: cond, uncond and (APG with momentum, pass 2) the running difference.
@@ -501,7 +661,7 @@ GK_HD void projected_load(const ProjectedParams& p, int64_t b, int64_t start, in
 
 // Pass 1: the group's fields (and, with a momentum buffer, its in-place update).
 template <int KIND, Fmt F, Fmt FB, bool VEC>
-GK_HD Moments<Projected<KIND, FB>::kFields> projected_group_moments(const ProjectedParams& p, int64_t b,
+GK_HD typename Projected<KIND, FB>::Stats projected_group_moments(const ProjectedParams& p, int64_t b,
                                                                     int64_t start, int valid,
                                                                     const ProjectedGroup<F, FB>& in) {
   constexpr int NF = Projected<KIND, FB>::kFields;
@@ -512,7 +672,7 @@ GK_HD Moments<Projected<KIND, FB>::kFields> projected_group_moments(const Projec
     const float u = in.u.get(e);
     f[0][e] = c;
     f[1][e] = sub_rn(c, u);
-    if constexpr (NF == 3 && KIND == kCfgZeroStar) f[NF - 1][e] = u;
+    if constexpr (NF == 3 && KIND != kApg) f[NF - 1][e] = u;
   }
   if constexpr (FB != Fmt::None) {
     // running = diff + momentum * buffer, stored in the buffer's dtype; the statistics use the
@@ -526,27 +686,34 @@ GK_HD Moments<Projected<KIND, FB>::kFields> projected_group_moments(const Projec
     }
     store_dense<FB>(running, p.buf, b * p.geo.inner + start, valid, VEC);
   }
-  return group_moments<NF>(f, valid);
+  return group_moments<typename Projected<KIND, FB>::Stats>(f, valid);
 }
 
 // Pass 2 per-sample coefficients, identical in every block of the sample.
 struct ProjectedCoef {
   ApgCoef apg;
   Cfg0Coef cfg0;
+  TcfgCoef tcfg;
+  MagCoef mag;
   Rescale rescale;
 };
 
 template <int KIND, Fmt FB>
-GK_HD ProjectedCoef projected_coefficients(const ProjectedParams& p, const Moments<Projected<KIND, FB>::kFields>& m,
+GK_HD ProjectedCoef projected_coefficients(const ProjectedParams& p, const typename Projected<KIND, FB>::Stats& m,
                                            int64_t b) {
   const float w = p.w.at(b);
   ProjectedCoef k{};
   float m_out = 0.0f;
+  const bool original = p.formulation == 1;
   if constexpr (KIND == kApg) {
     const float gain = p.w.ptr != nullptr ? (p.formulation == kPaper ? sub_rn(w, 1.0f) : w) : p.gain_number;
     k.apg = apg_coefficients(m, gain, p.eta, p.threshold, p.formulation, &m_out);
+  } else if constexpr (KIND == kCfgZeroStar) {
+    k.cfg0 = cfg0_coefficients(m, w, original, &m_out);
+  } else if constexpr (KIND == kTcfg) {
+    k.tcfg = tcfg_coefficients(m, w, original, &m_out);
   } else {
-    k.cfg0 = cfg0_coefficients(m, w, p.formulation == 1, &m_out);
+    k.mag = mag_coefficients(m, w, p.alpha, original, &m_out);
   }
   if (p.rescale) k.rescale = rescale_for(p.phi, p.one_minus_phi, b, m.n, m.m[0], m_out);
   return k;
@@ -564,8 +731,12 @@ GK_HD void projected_store(const ProjectedParams& p, const ProjectedCoef& k, con
     float o;
     if constexpr (KIND == kApg) {
       o = apg_element(c, u, FB != Fmt::None ? in.d.get(e) : sub_rn(c, u), k.apg);
-    } else {
+    } else if constexpr (KIND == kCfgZeroStar) {
       o = cfg0_element(c, u, k.cfg0);
+    } else if constexpr (KIND == kTcfg) {
+      o = tcfg_element(c, u, k.tcfg);
+    } else {
+      o = mag_element(c, u, k.mag);
     }
     out.set(e, p.rescale ? rescaled(o, k.rescale) : o);
   }
@@ -601,70 +772,78 @@ GK_HD int group_size(int64_t start, int64_t hi) {
 
 // The order block_total merges in, for the CPU emulation in tests/host: lanes fold pairwise
 // (lane l takes lane l + d for d = 16, 8, 4, 2, 1), then warp totals left to right.
-template <int NF>
-GK_HOST Moments<NF> block_total_on_host(const Moments<NF>* thread_moments) {
-  Moments<NF> warp[kWarps];
+template <class M>
+GK_HOST M block_total_on_host(const M* thread_moments) {
+  M warp[kWarps];
   for (int w = 0; w < kWarps; ++w) {
-    Moments<NF> lane[32];
+    M lane[32];
     for (int l = 0; l < 32; ++l) lane[l] = thread_moments[32 * w + l];
     for (int d = 16; d > 0; d /= 2) {
       for (int l = 0; l < d; ++l) lane[l] = merge(lane[l], lane[l + d]);
     }
     warp[w] = lane[0];
   }
-  Moments<NF> total = warp[0];
+  M total = warp[0];
   for (int w = 1; w < kWarps; ++w) total = merge(total, warp[w]);
   return total;
 }
 
 // sample_moments' order on the CPU: thread t merges rows t, t + 256, ..., then block_total.
-template <int NF>
-GK_HOST Moments<NF> sample_moments_on_host(const float* stats, int64_t b, int64_t parts) {
+template <class M>
+GK_HOST M sample_moments_on_host(const float* stats, int64_t b, int64_t parts) {
   const float* rows = stats + b * parts * kRowFloats;
-  Moments<NF> per_thread[kThreads];
+  M per_thread[kThreads];
   for (int t = 0; t < kThreads; ++t) {
-    per_thread[t] = empty_moments<NF>();
+    per_thread[t] = empty_moments<M>();
     for (int64_t r = t; r < parts; r += kThreads) {
-      per_thread[t] = merge(per_thread[t], load_row<NF>(rows + r * kRowFloats));
+      per_thread[t] = merge(per_thread[t], load_row<M>(rows + r * kRowFloats));
     }
   }
-  return block_total_on_host<NF>(per_thread);
+  return block_total_on_host<M>(per_thread);
 }
 
 #if defined(__CUDACC__)
 
-template <int NF>
-GK_DEVICE Moments<NF> shfl_down(const Moments<NF>& m, int d) {
-  Moments<NF> r;
+template <class M>
+GK_DEVICE M shfl_down(const M& m, int d) {
+  M r;
   r.n = __shfl_down_sync(0xffffffffu, m.n, d);
   GK_UNROLL
-  for (int i = 0; i < NF; ++i) r.mean[i] = __shfl_down_sync(0xffffffffu, m.mean[i], d);
+  for (int i = 0; i < M::NC; ++i) r.mean[i] = __shfl_down_sync(0xffffffffu, m.mean[i], d);
   GK_UNROLL
-  for (int k = 0; k < Moments<NF>::kPairs; ++k) r.m[k] = __shfl_down_sync(0xffffffffu, m.m[k], d);
+  for (int k = 0; k < M::kCentred; ++k) r.m[k] = __shfl_down_sync(0xffffffffu, m.m[k], d);
+  GK_UNROLL
+  for (int i = 0; i < M::NF; ++i) {
+    GK_UNROLL
+    for (int j = i; j < M::NF; ++j) {
+      const int k = pair_index<M::NF>(i, j);
+      r.s[k] = M::raw(i, j) ? __shfl_down_sync(0xffffffffu, m.s[k], d) : 0.0f;
+    }
+  }
   return r;
 }
 
 // The block's merged moments, identical in every thread (each merges the warp totals in the same
 // order). Called at most once per kernel (its shared buffer is not re-synchronised).
-template <int NF>
-GK_DEVICE Moments<NF> block_total(Moments<NF> m) {
-  __shared__ Moments<NF> warp_total[kWarps];
+template <class M>
+GK_DEVICE M block_total(M m) {
+  __shared__ M warp_total[kWarps];
   GK_UNROLL
   for (int d = 16; d > 0; d /= 2) m = merge(m, shfl_down(m, d));
   if ((threadIdx.x & 31) == 0) warp_total[threadIdx.x >> 5] = m;
   __syncthreads();
-  Moments<NF> total = warp_total[0];
+  M total = warp_total[0];
   GK_UNROLL
   for (int w = 1; w < kWarps; ++w) total = merge(total, warp_total[w]);
   return total;
 }
 
 // Merge the `parts` rows of sample b (thread t takes rows t, t + 256, ...).
-template <int NF>
-GK_DEVICE Moments<NF> sample_moments(const float* stats, int64_t b, int64_t parts) {
+template <class M>
+GK_DEVICE M sample_moments(const float* stats, int64_t b, int64_t parts) {
   const float* rows = stats + b * parts * kRowFloats;
-  Moments<NF> m = empty_moments<NF>();
-  for (int64_t r = threadIdx.x; r < parts; r += kThreads) m = merge(m, load_row<NF>(rows + r * kRowFloats));
+  M m = empty_moments<M>();
+  for (int64_t r = threadIdx.x; r < parts; r += kThreads) m = merge(m, load_row<M>(rows + r * kRowFloats));
   return block_total(m);
 }
 
@@ -684,7 +863,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const CombineParams p
   const bool do_rescale = p.stats != nullptr;
   Rescale rs{1.0f, 0.0f, 1.0f};
   if (do_rescale) {
-    const Moments<2> m = sample_moments<2>(p.stats, ch.b, p.parts);
+    const CombineMoments m = sample_moments<CombineMoments>(p.stats, ch.b, p.parts);
     rs = rescale_for(p.phi, p.one_minus_phi, ch.b, m.n, m.m[0], m.m[1]);
   }
   for (int64_t start = first; start < ch.hi; start += kTile) {
@@ -704,13 +883,13 @@ __global__ void __launch_bounds__(kThreads) combine_moments_kernel(const Combine
   Pack<F> s[kMaxBranches];
   GK_UNROLL
   for (int k = 0; k < kMaxBranches; ++k) s[k].clear();
-  Moments<2> m = empty_moments<2>();
+  CombineMoments m = empty_moments<CombineMoments>();
   for (int64_t start = first_group(ch, threadIdx.x); start < ch.hi; start += kTile) {
     const int valid = group_size(start, ch.hi);
     combine_load<F, VEC>(p, ch.b, start, valid, s);
     m = merge(m, combine_group_moments<F>(p, s, g, valid));
   }
-  const Moments<2> total = block_total(m);
+  const CombineMoments total = block_total(m);
   if (threadIdx.x == 0) store_row(p.stats + (ch.b * p.parts + ch.part) * kRowFloats, total);
 }
 
@@ -718,16 +897,16 @@ template <int KIND, typename T, typename BufT, bool VEC>
 __global__ void __launch_bounds__(kThreads) projected_moments_kernel(const ProjectedParams p) {
   constexpr Fmt F = Format<T>::kFmt;
   constexpr Fmt FB = Format<BufT>::kFmt;
-  constexpr int NF = Projected<KIND, FB>::kFields;
+  using Stats = typename Projected<KIND, FB>::Stats;
   const BlockChunk ch = block_chunk(blockIdx.x, p.parts, p.chunk, p.geo.inner);
-  Moments<NF> m = empty_moments<NF>();
+  Stats m = empty_moments<Stats>();
   for (int64_t start = first_group(ch, threadIdx.x); start < ch.hi; start += kTile) {
     const int valid = group_size(start, ch.hi);
     ProjectedGroup<F, FB> in{};
     projected_load<KIND, F, FB, VEC>(p, ch.b, start, valid, in);
     m = merge(m, projected_group_moments<KIND, F, FB, VEC>(p, ch.b, start, valid, in));
   }
-  const Moments<NF> total = block_total(m);
+  const Stats total = block_total(m);
   if (threadIdx.x == 0) store_row(p.stats + (ch.b * p.parts + ch.part) * kRowFloats, total);
 }
 
@@ -735,12 +914,12 @@ template <int KIND, typename T, typename BufT, bool VEC>
 __global__ void __launch_bounds__(kThreads) projected_kernel(const ProjectedParams p) {
   constexpr Fmt F = Format<T>::kFmt;
   constexpr Fmt FB = Format<BufT>::kFmt;
-  constexpr int NF = Projected<KIND, FB>::kFields;
+  using Stats = typename Projected<KIND, FB>::Stats;
   const BlockChunk ch = block_chunk(blockIdx.x, p.parts, p.chunk, p.geo.inner);
   const int64_t first = first_group(ch, threadIdx.x);
   ProjectedGroup<F, FB> in{};
   if (first < ch.hi) projected_load<KIND, F, FB, VEC>(p, ch.b, first, group_size(first, ch.hi), in);
-  const ProjectedCoef k = projected_coefficients<KIND, FB>(p, sample_moments<NF>(p.stats, ch.b, p.parts), ch.b);
+  const ProjectedCoef k = projected_coefficients<KIND, FB>(p, sample_moments<Stats>(p.stats, ch.b, p.parts), ch.b);
   for (int64_t start = first; start < ch.hi; start += kTile) {
     const int valid = group_size(start, ch.hi);
     if (start != first) projected_load<KIND, F, FB, VEC>(p, ch.b, start, valid, in);
