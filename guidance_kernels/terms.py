@@ -181,3 +181,91 @@ def icg_noise_condition(embedding: torch.Tensor, *, generator: torch.Generator |
     std = embedding.float().std(dim=dims, keepdim=dims is not None)
     noise = torch.randn(embedding.shape, device=embedding.device, generator=generator)
     return (noise * std).to(embedding.dtype)
+
+
+# --------------------------------------------------------------------------- guidance intervals
+# A method that is on for part of the schedule only: its scale outside the interval is ``off``
+# (0: the term vanishes; the denoiser drops a branch whose scale is a Python 0). For CFG written
+# as ``cfg(s)`` (u + s(c − u)) diffusers' "guidance off" output is cond itself: use ``off=1.0``.
+
+
+def _interval_fractions(fn: str, start, stop) -> tuple[float, float]:
+    start = _checks.finite_number(fn, "start", start)
+    stop = _checks.finite_number(fn, "stop", stop)
+    # diffusers' BaseGuidance accepts 0 <= start < 1 and start <= stop <= 1.
+    if not 0.0 <= start < 1.0:
+        _checks.fail(fn, "start", f"must be in [0, 1), got {start}")
+    if not start <= stop <= 1.0:
+        _checks.fail(fn, "stop", f"must be in [start, 1] = [{start}, 1], got {stop}")
+    return start, stop
+
+
+def _in_steps(step: int, num_steps: int, start: float, stop: float) -> bool:
+    # diffusers: int(start · n) <= step < int(stop · n) (truncation, as BaseGuidance does).
+    return int(start * num_steps) <= step < int(stop * num_steps)
+
+
+def guidance_interval(scale: Scale, *, step: int, num_steps: int, start: float = 0.0, stop: float = 1.0,
+                      off: float = 0.0) -> Scale:
+    """diffusers' ``start``/``stop`` fractions of the schedule: ``scale`` at steps
+    ``int(start·n) <= step < int(stop·n)``, ``off`` elsewhere. A Python number gives a Python number
+    (so the denoiser can drop the branch); a tensor gives a tensor of its shape (``scale`` itself,
+    or ``off`` in fp32 without a host copy), for a compiled step that takes its scales as inputs.
+    See :func:`interval_schedule` for the whole schedule as one device tensor."""
+    fn = "guidance_interval"
+    step = _checks.integer(fn, "step", step, minimum=0)
+    num_steps = _checks.integer(fn, "num_steps", num_steps, minimum=1)
+    start, stop = _interval_fractions(fn, start, stop)
+    off = _checks.fp32_number(fn, "off", off)
+    on = _in_steps(step, num_steps, start, stop)
+    if isinstance(scale, torch.Tensor):
+        return scale if on else torch.full_like(scale, off, dtype=torch.float32)
+    _scale_value(fn, "scale", scale)
+    return scale if on else off
+
+
+def interval_schedule(scale: Scale, num_steps: int, *, start: float = 0.0, stop: float = 1.0, off: float = 0.0,
+                      device=None) -> torch.Tensor:
+    """Every step's scale at once, as an fp32 ``(num_steps,)`` tensor (``scale`` inside diffusers'
+    ``[int(start·n), int(stop·n))``, ``off`` outside): ``schedule[step]`` is a 0-d device view, so
+    a compiled denoising step fed with it never recompiles and a CUDA graph replays it. ``scale``
+    may be a number, a 0-d tensor or a per-step ``(num_steps,)`` tensor."""
+    fn = "interval_schedule"
+    num_steps = _checks.integer(fn, "num_steps", num_steps, minimum=1)
+    start, stop = _interval_fractions(fn, start, stop)
+    off = _checks.fp32_number(fn, "off", off)
+    mask = torch.tensor([_in_steps(i, num_steps, start, stop) for i in range(num_steps)], device=device)
+    if isinstance(scale, torch.Tensor):
+        if scale.dim() > 1 or scale.numel() not in (1, num_steps):
+            _checks.fail(fn, "scale", f"expected a number or a tensor of shape () or ({num_steps},), "
+                                      f"got {tuple(scale.shape)}")
+        values = scale.to(device=mask.device, dtype=torch.float32).reshape(-1).expand(num_steps)
+    else:
+        values = torch.full((num_steps,), _checks.fp32_number(fn, "scale", scale), device=mask.device)
+    return torch.where(mask, values, torch.full_like(values, off))
+
+
+def sigma_interval(scale: Scale, sigma: torch.Tensor, *, sigma_start: float, sigma_end: float,
+                   off: float = 0.0) -> torch.Tensor:
+    """ComfyUI's sigma ranges (``sigma_end <= sigma <= sigma_start``, both ends included, as its
+    guidance nodes test ``sigma`` against ``percent_to_sigma(start_percent / end_percent)``):
+    ``scale`` where the current ``sigma`` — the sampler's tensor, () or (B,) — is inside, ``off``
+    elsewhere. Computed on ``sigma``'s device with no host sync; returns fp32 broadcast over
+    ``sigma`` and ``scale`` (a per-sample scale when sigma is per sample)."""
+    fn = "sigma_interval"
+    if not isinstance(sigma, torch.Tensor) or not sigma.is_floating_point():
+        _checks.fail(fn, "sigma", f"expected a floating-point tensor (the sampler's sigma), got "
+                                  f"{type(sigma).__name__}", TypeError)
+    sigma_start = _checks.finite_number(fn, "sigma_start", sigma_start)
+    sigma_end = _checks.finite_number(fn, "sigma_end", sigma_end)
+    if sigma_end > sigma_start:
+        _checks.fail(fn, "sigma_end", f"must be <= sigma_start ({sigma_start}), got {sigma_end} "
+                                      "(sigmas decrease along the schedule)")
+    off = _checks.fp32_number(fn, "off", off)
+    on = (sigma >= sigma_end) & (sigma <= sigma_start)
+    if isinstance(scale, torch.Tensor):
+        value = scale.to(device=sigma.device, dtype=torch.float32)
+    else:
+        _scale_value(fn, "scale", scale)
+        value = torch.full((), float(scale), dtype=torch.float32, device=sigma.device)
+    return torch.where(on, value, torch.full((), off, dtype=torch.float32, device=sigma.device))

@@ -3,7 +3,7 @@
 import torch
 
 from guidance_kernels._library import (ApgCombineArgs, ApgCombineMomentumArgs, CfgZeroStarCombineArgs,
-                                      GuidanceCombineArgs)
+                                      GuidanceCombineArgs, MagCombineArgs, TcfgCombineArgs)
 from guidance_kernels.triton import guidance_combine as K
 
 
@@ -27,7 +27,7 @@ def _combine(dtype, layout, rescale, tensor_scale):
     return case
 
 
-def _projected(dtype, kind, momentum):
+def _projected(dtype, kind, momentum=False, original=False):
     def case():
         preds, k = _split(_pred(dtype, k=2), 2)
         if kind == "apg" and momentum:
@@ -36,6 +36,13 @@ def _projected(dtype, kind, momentum):
                                                  None))
         elif kind == "apg":
             K.apg_combine(ApgCombineArgs(preds, k, 1, 0, 5.0, None, 0.5, 15.0, "diffusers", 0.7, None))
+        elif kind == "apg-mix-cfg":
+            buf = torch.zeros(2, 4, 64, 64)
+            K.apg_combine(ApgCombineMomentumArgs(preds, k, 1, 0, 3.5, None, 1.0, 0.0, -0.5, buf, "cfg", 0.0, None))
+        elif kind == "tcfg":
+            K.tcfg_combine(TcfgCombineArgs(preds, k, 1, 0, 5.0, torch.ones(2), original, 0.7, None))
+        elif kind == "mag":
+            K.mag_combine(MagCombineArgs(preds, k, 1, 0, 5.0, torch.ones(2), 8.0, original, 0.7, None))
         else:
             K.cfg_zero_star_combine(CfgZeroStarCombineArgs(preds, k, 1, 0, 5.0, torch.ones(2), False, 0.7, None))
     return case
@@ -49,3 +56,7 @@ for _dtype in (torch.float32, torch.float16, torch.bfloat16):
     CASES.append((f"apg-{_dtype}", _projected(_dtype, "apg", False)))
     CASES.append((f"apg-momentum-{_dtype}", _projected(_dtype, "apg", True)))
     CASES.append((f"cfg0-{_dtype}", _projected(_dtype, "cfg0", False)))
+    CASES.append((f"apg-mix-cfg-{_dtype}", _projected(_dtype, "apg-mix-cfg", True)))
+    for _original in (False, True):
+        CASES.append((f"tcfg-{_dtype}-original={_original}", _projected(_dtype, "tcfg", original=_original)))
+        CASES.append((f"mag-{_dtype}-original={_original}", _projected(_dtype, "mag", original=_original)))

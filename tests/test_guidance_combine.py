@@ -412,3 +412,146 @@ def test_compile_python_float_scales_recompile_at_most_once():
     for s in (7.5, 6.0, 5.0, 4.0, 3.0):
         torch.testing.assert_close(compiled(pred, s), gk.guidance_combine(pred, gk.cfg(s) + gk.pag(s / 2)))
     assert counter.frame_count <= 2
+
+
+# --------------------------------------------------------------------------- decided rules (issue: robustness)
+
+
+def _constant_samples(device, dtype=torch.float32):
+    """Three branches whose every sample is constant (0.3, −0.7, 1.1) plus an all-zero batch."""
+    return torch.cat([torch.full((2, 3, 4, 5), v, dtype=dtype, device=device) for v in (0.3, -0.7, 1.1)])
+
+
+def test_rescale_of_constant_samples_is_nan_on_every_backend(lane):
+    """std of a constant sample is exactly 0 (torch.std's Welford): the rescale ratio is 0/0 = NaN,
+    as torch, the reference and diffusers give — for constant and for all-zero samples alike."""
+    backend, device = lane
+    g = gk.cfg(7.5) + gk.pag(3.0)
+    for pred in (_constant_samples(device), torch.zeros(6, 3, 4, 5, device=device)):
+        expect = R.guidance_combine(list(pred.cpu().chunk(3)), g, rescale=0.7)
+        assert torch.isnan(expect).all()
+        assert torch.isnan(gk.guidance_combine(pred, g, rescale=0.7, backend=backend)).all()
+        two = pred[:4]
+        for fn in (gk.apg_combine, gk.cfg_zero_star_combine, gk.tcfg_combine, gk.mag_combine):
+            out = fn(two, 5.0, rescale=0.5, backend=backend)
+            assert torch.isnan(out).all(), fn.__name__
+
+
+def test_cfg_zero_star_inf_propagates_per_element(lane):
+    """alpha is a plain sum: an inf in cond makes it ±inf and the original formulation gives ±inf
+    per element (not a NaN sample), exactly as torch."""
+    backend, device = lane
+    u, c = _branches(2, (2, 3, 4, 5), torch.float32, "cpu", seed=11)
+    c[0, 0, 0, 0] = float("inf")
+    for original in (True, False):
+        expect = R.cfg_zero_star_combine(c, u, 5.0, original_formulation=original)
+        out = gk.cfg_zero_star_combine([u.to(device), c.to(device)], 5.0, original_formulation=original,
+                                       backend=backend).cpu()
+        assert torch.equal(torch.isnan(out), torch.isnan(expect)), original
+        assert torch.equal(torch.isposinf(out), torch.isposinf(expect)) and torch.equal(torch.isneginf(out),
+                                                                                        torch.isneginf(expect))
+        finite = torch.isfinite(expect)
+        torch.testing.assert_close(out[finite], expect[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_nan_propagates_through_min_max(lane):
+    """APG's min(1, r/‖d‖) and F.normalize's max(‖c‖, eps) keep a NaN (torch.minimum semantics)."""
+    backend, device = lane
+    u, c = _branches(2, (2, 3, 4, 5), torch.float32, device, seed=12)
+    c[1, 0, 0, 0] = float("nan")
+    out = gk.apg_combine([u, c], 5.0, norm_threshold=2.0, backend=backend).cpu()
+    expect = R.apg_combine(c.cpu(), u.cpu(), 5.0, norm_threshold=2.0)
+    assert torch.equal(torch.isnan(out), torch.isnan(expect)) and torch.isnan(out[1]).all()
+
+
+def test_fp32_plain_combine_is_bit_exact(lane):
+    """One rounding per operation in the anchors' order (``u + s·(c − u) + p·(c − perturbed)``):
+    fp32 results equal the eager formula bit for bit, numbers and per-sample tensors alike."""
+    backend, device = lane
+    u, c, p = _branches(3, (3, 4, 5, 7), torch.float32, device, seed=13)
+    per_sample = torch.tensor([2.5, 7.5, -1.25], device=device)
+    for g in (gk.cfg(7.5) + gk.pag(3.0), gk.cfg(per_sample) + gk.pag(torch.tensor(1.7, device=device)),
+              gk.autoguidance(2.0) + gk.pag(-1.5)):
+        out = gk.guidance_combine([u, c, p], g, backend=backend)
+        assert torch.equal(out, R.guidance_combine([u, c, p], g)), backend
+
+
+def test_rescale_sign_rule():
+    """A negative Python number is refused; a tensor φ is applied as given on CUDA (never read on
+    the host) and checked on the CPU."""
+    x = torch.randn(6, 4, 8, 8)
+    g = gk.cfg(7.5) + gk.pag(3.0)
+    with pytest.raises(ValueError, match="guidance_combine: rescale: must be >= 0"):
+        gk.guidance_combine(x, g, rescale=-0.5)
+    with pytest.raises(ValueError, match="guidance_combine: rescale: scale tensor values must be >= 0"):
+        gk.guidance_combine(x, g, rescale=torch.tensor(-0.5))
+    for fn in (gk.apg_combine, gk.cfg_zero_star_combine, gk.tcfg_combine, gk.mag_combine):
+        with pytest.raises(ValueError, match=f"{fn.__name__}: rescale: must be >= 0"):
+            fn(x[:4], 5.0, rescale=-0.1)
+
+
+def test_zero_init_keeps_the_layout(lane):
+    backend, device = lane
+    pred = torch.randn(4, 3, 5, 6, device=device).contiguous(memory_format=torch.channels_last)
+    zeros = gk.cfg_zero_star_combine(pred, 5.0, zero_init=True, backend=backend)
+    assert zeros.is_contiguous(memory_format=torch.channels_last) and not zeros.any()
+    assert zeros.stride() == gk.cfg_zero_star_combine(pred, 5.0, backend=backend).stride()
+
+
+def test_momentum_buffer_aliasing_an_input_is_refused():
+    p2 = torch.randn(4, 3, 5, 6)
+    for buf in (p2[2:4], p2[:2], p2.view(-1)[7:7 + 180].view(2, 3, 5, 6)):
+        with pytest.raises(ValueError, match="apg_combine: momentum_buffer: shares memory with pred"):
+            gk.apg_combine(p2, 5.0, momentum=-0.5, momentum_buffer=buf)
+    separate = [p2[:2].clone(), p2[2:].clone()]
+    with pytest.raises(ValueError, match="momentum_buffer: shares memory with pred"):
+        gk.apg_combine(separate, 5.0, momentum=-0.5, momentum_buffer=separate[0])
+    before = p2.clone()
+    gk.apg_combine(p2, 5.0, momentum=-0.5, momentum_buffer=gk.apg_momentum_buffer(p2))
+    assert torch.equal(p2, before)
+
+
+def test_errors_name_the_argument_the_caller_passed():
+    p = torch.randn(6, 3, 4, 5)
+    p2 = p[:4]
+    for backend in ("torch", "triton"):
+        with pytest.raises(ValueError, match=r"guidance_combine: guidance.terms\[0\].scale: 1e\+39 is beyond the float32"):
+            gk.guidance_combine(p, gk.cfg(1e39), backend=backend)
+    with pytest.raises(ValueError, match="apg_combine: eta: .* beyond the float32 range"):
+        gk.apg_combine(p2, 5.0, eta=1e39)
+    with pytest.raises(ValueError, match=r"scale tensor contains NaN or inf \(in float32\)"):
+        gk.guidance_combine(p, gk.cfg(torch.tensor(1e39, dtype=torch.float64)))
+    with pytest.raises(TypeError, match="Term: pos: branch index must be an int, got 1.0"):
+        gk.Term(1.0, 0, 1.0)
+    with pytest.raises(TypeError, match="Term: neg: branch index must be an int, got tensor"):
+        gk.Term(1, torch.tensor(0), 1.0)
+    with pytest.raises(TypeError, match="Guidance: base: branch index must be an int, got 1.5"):
+        gk.Guidance(1.5)
+    with pytest.raises(TypeError, match="Term: pos: branch index must be an int, got 'a'"):
+        gk.Term("a", 0, 1.0)
+    with pytest.raises(TypeError, match="Term: neg: branch index must be an int, got None"):
+        gk.Term(1, None, 1.0)
+    with pytest.raises(TypeError, match="Term: scale: expected a real number or a tensor, got str"):
+        gk.Term(1, 0, "7.5")
+    with pytest.raises(TypeError, match=r"Guidance: terms\[0\]: expected a Term"):
+        gk.Guidance(0, ((1, 0, 7.5),))
+    for fn in (gk.apg_combine, gk.cfg_zero_star_combine, gk.tcfg_combine, gk.mag_combine):
+        with pytest.raises(ValueError, match=f"{fn.__name__}: cond: branch index 2 implies num_branches=3"):
+            fn(p2, 5.0, cond=2)
+        with pytest.raises(ValueError, match=f"{fn.__name__}: cond: branch index 2 out of range for 2 branches"):
+            fn([p2[:2], p2[2:]], 5.0, cond=2)
+        with pytest.raises(TypeError, match=f"{fn.__name__}: cond: branch index must be an int"):
+            fn(p2, 5.0, cond=1.0)
+    with pytest.raises(TypeError, match="cfg_zero_star_combine: original_formulation: expected a bool"):
+        gk.cfg_zero_star_combine(p2, 5.0, original_formulation="no")
+    with pytest.raises(ValueError, match="apg_momentum_buffer: pred: leading dimension 5 is not divisible"):
+        gk.apg_momentum_buffer(torch.randn(5, 3), num_branches=2)
+    with pytest.raises(ValueError, match="apg_momentum_buffer: num_branches: must be a positive int"):
+        gk.apg_momentum_buffer(p2, num_branches=0)
+    with pytest.raises(TypeError, match="apg_momentum_buffer: pred: expected a tensor or a sequence"):
+        gk.apg_momentum_buffer("x")
+    assert gk.apg_momentum_buffer([p2[:2], p2[2:]]).shape == (2, 3, 4, 5)
+    with pytest.raises(ValueError, match="adaptive_pag_scale: adaptive_scale: must be finite"):
+        gk.adaptive_pag_scale(3.0, float("nan"), 500)
+    with pytest.raises(ValueError, match="adaptive_pag_scale: timestep: must be finite"):
+        gk.adaptive_pag_scale(3.0, 0.1, float("inf"))

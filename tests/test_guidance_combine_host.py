@@ -311,6 +311,67 @@ def test_projected_strided_and_channels_last(cuda_on_cpu):
     torch.testing.assert_close(to64(buf), buf_truth, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("original", [False, True])
+def test_tcfg_and_mag_match_reference(cuda_on_cpu, monkeypatch, dtype, original):
+    u, c = _branches(2, (3, 4, 16, 19), dtype, seed=12)
+    scale = torch.tensor([3.0, 5.0, 7.0])
+    for phi in (0.0, torch.tensor([0.1, 0.0, 0.9])):
+        for target in (4, 40):
+            _targets(monkeypatch, target)
+            truth = R.tcfg_combine(to64(c), to64(u), to64(scale), original_formulation=original, rescale=to64(phi))
+            lowp = R.tcfg_combine(c, u, scale, original_formulation=original, rescale=phi)
+            out = gk.tcfg_combine([u, c], scale, original_formulation=original, rescale=phi)
+            assert_close_to_truth(out, lowp, truth, factor=4.0, what=f"tcfg phi={phi} target={target}")
+            truth = R.mag_combine(to64(c), to64(u), to64(scale), alpha=2.0, original_formulation=original,
+                                  rescale=to64(phi))
+            lowp = R.mag_combine(c, u, scale, alpha=2.0, original_formulation=original, rescale=phi)
+            out = gk.mag_combine(torch.cat([u, c]), scale, alpha=2.0, original_formulation=original, rescale=phi)
+            assert_close_to_truth(out, lowp, truth, factor=4.0, what=f"mag phi={phi} target={target}")
+    assert (0, 1) in cuda_on_cpu.paths
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_apg_mix_cfg_phase_feeds_the_buffer(cuda_on_cpu, dtype):
+    u, c = _branches(2, (2, 4, 9, 16), dtype, seed=13)
+    for formulation in ("cfg", "cfg_original"):
+        for buf_dtype in (torch.float32, dtype):
+            buf = torch.randn(u.shape, generator=torch.Generator().manual_seed(14)).to(buf_dtype)
+            buf_truth = buf.double().clone()
+            kw = dict(momentum=-0.5, formulation=formulation, rescale=0.3)
+            truth = R.apg_combine(to64(c), to64(u), 4.0, momentum_buffer=buf_truth, **kw)
+            lowp = R.apg_combine(c, u, 4.0, momentum_buffer=buf.to(dtype).clone(), **kw)
+            out = gk.apg_combine([u, c], 4.0, momentum_buffer=buf, **kw)
+            assert_close_to_truth(out, lowp, truth, factor=4.0, what=f"{formulation} {buf_dtype}")
+            tol = 1e-6 if buf_dtype == torch.float32 else 2 * 2.0 ** -(8 if dtype == torch.bfloat16 else 11)
+            torch.testing.assert_close(to64(buf), buf_truth, rtol=tol, atol=tol)
+
+
+def test_decided_non_finite_rules(cuda_on_cpu, monkeypatch):
+    """The rules every backend follows, on the emulated CUDA kernels: constant and all-zero samples
+    rescale to NaN (exact zero co-moments, also across chunks), alpha's plain sum keeps ±inf per
+    element, and NaN passes through min/max."""
+    g = gk.cfg(7.5) + gk.pag(3.0)
+    for target in (4, 64):
+        _targets(monkeypatch, target)
+        for value in (0.3, 0.0):
+            pred = torch.full((6, 3, 40, 50), value)
+            pred[2:4] = -0.7
+            assert torch.isnan(gk.guidance_combine(pred, g, rescale=0.7)).all()
+            for fn in (gk.apg_combine, gk.cfg_zero_star_combine, gk.tcfg_combine, gk.mag_combine):
+                assert torch.isnan(fn(pred[:4], 5.0, rescale=0.5)).all(), fn.__name__
+    u, c = _branches(2, (2, 3, 4, 5), torch.float32, seed=15)
+    c[0, 0, 0, 0] = float("inf")
+    for original in (True, False):
+        expect = R.cfg_zero_star_combine(c, u, 5.0, original_formulation=original)
+        out = gk.cfg_zero_star_combine([u, c], 5.0, original_formulation=original)
+        assert torch.equal(torch.isnan(out), torch.isnan(expect))
+        assert torch.equal(torch.isposinf(out), torch.isposinf(expect))
+    c[0, 0, 0, 0] = float("nan")
+    out = gk.apg_combine([u, c], 5.0, norm_threshold=2.0)
+    assert torch.equal(torch.isnan(out), torch.isnan(R.apg_combine(c, u, 5.0, norm_threshold=2.0)))
+
+
 # --------------------------------------------------------------------------- building blocks
 
 
@@ -398,6 +459,7 @@ def test_moments_chan_merge_matches_two_pass(host, offset, tolerance, parts):
     centred = f - mean[:, None]
     pairs = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
     comoments = [float((centred[i] * centred[j]).sum()) for i, j in pairs]
+    raw = [float((f[i] * f[j]).sum()) for i, j in pairs]
     assert [line.split()[0] for line in lines] == ["sequential", "block", "rows"]
     for line in lines:
         order = line.split()[0]
@@ -408,9 +470,11 @@ def test_moments_chan_merge_matches_two_pass(host, offset, tolerance, parts):
         assert values[0] == n
         for got, want in zip(values[1:4], mean.tolist()):
             assert abs(got - want) <= factor * 1e-7 * (abs(want) + 1.0), (order, got, want)
-        for (i, j), got, want in zip(pairs, values[4:], comoments):
+        for (i, j), got, want in zip(pairs, values[4:10], comoments):
             bound = factor * tolerance * math.sqrt(comoments[i] * comoments[j])
             assert abs(got - want) <= bound, (order, (i, j), got, want)
+        for (i, j), got, want in zip(pairs, values[10:], raw):  # plain fp32 sums: relative accuracy
+            assert abs(got - want) <= factor * 1e-5 * math.sqrt(raw[i] * raw[j]), (order, "raw", (i, j), got, want)
 
 
 # --------------------------------------------------------------------------- nvcc's host pass
