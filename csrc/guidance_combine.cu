@@ -135,9 +135,136 @@ at::Tensor stats_workspace(const at::Tensor& out, const Plan& p) {
   return at::empty({p.geo.batch * p.parts * gc::kRowFloats}, out.options().dtype(at::kFloat));
 }
 
+// The channel-wise plan: [batch, C, P1, P2, bs, cs, s1, s2, ocs, o1, o2] (_layout.channel_geometry).
+struct ChannelPlan {
+  int64_t batch, channels, p1, p2, bs, cs, s1, s2, ocs, o1, o2;
+};
+
+ChannelPlan read_channel_plan(const char* fn, const std::vector<int64_t>& g) {
+  TORCH_CHECK(g.size() == 11, fn, ": geometry: expected 11 integers, got ", g.size());
+  const ChannelPlan c{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7], g[8], g[9], g[10]};
+  TORCH_CHECK(c.batch >= 1 && c.channels >= 1 && c.p1 >= 1 && c.p2 >= 1, fn, ": geometry: sizes must be positive");
+  TORCH_CHECK(c.bs >= 0 && c.cs >= 0 && c.s1 >= 0 && c.s2 >= 0 && c.ocs >= 0 && c.o1 >= 0 && c.o2 >= 0, fn,
+              ": geometry: strides must be non-negative");
+  return c;
+}
+
+// Largest offset of (b, c, i1, i2) with the given strides, or -1 on overflow.
+int64_t channel_extent(const ChannelPlan& c, int64_t bs, int64_t cs, int64_t s1, int64_t s2) {
+  const int64_t extent[4][2] = {{c.batch - 1, bs}, {c.channels - 1, cs}, {c.p1 - 1, s1}, {c.p2 - 1, s2}};
+  int64_t total = 0;
+  for (const auto& e : extent) {
+    int64_t term = 0;
+    if (mul_overflows(e[0], e[1], &term) || __builtin_add_overflow(total, term, &total)) return -1;
+  }
+  return total;
+}
+
 }  // namespace
 
 int64_t guidance_combine_tile() { return gc::kTile; }
+
+int64_t guidance_combine_threads() { return gc::kThreads; }
+
+void channel_combine_cuda(const at::Tensor& out, const std::vector<at::Tensor>& xs, int64_t base,
+                          const std::vector<int64_t>& pos, const std::vector<int64_t>& neg,
+                          const std::vector<double>& scales,
+                          const std::vector<std::optional<at::Tensor>>& scale_tensors, int64_t kind, int64_t ref,
+                          double strength, const std::optional<at::Tensor>& strength_tensor,
+                          const std::vector<int64_t>& geometry, int64_t parts, int64_t chunk) {
+  TORCH_CHECK(kind == gc::kCfgNorm || kind == gc::kMahiro, "channel_combine (cuda): kind must be 1 (CFG-Norm) or "
+              "2 (Mahiro), got ", kind);
+  const char* fn = kind == gc::kCfgNorm ? "guidance_combine cfg_norm (cuda)" : "guidance_combine mahiro (cuda)";
+  TORCH_CHECK(out.is_cuda(), fn, ": out must be a CUDA tensor");
+  const ChannelPlan c = read_channel_plan(fn, geometry);
+  int64_t positions = 0, inner = 0, numel = 0;
+  TORCH_CHECK(!mul_overflows(c.p1, c.p2, &positions) && !mul_overflows(positions, c.channels, &inner) &&
+              !mul_overflows(inner, c.batch, &numel), fn, ": geometry: sizes overflow");
+  TORCH_CHECK(out.numel() == numel && out.dim() >= 2 && out.size(0) == c.batch && out.is_non_overlapping_and_dense() &&
+              (c.batch == 1 || out.stride(0) == inner), fn, ": out: must be dense with the batch outermost and hold ",
+              c.batch, " samples of ", inner, " elements");
+  const int64_t last_out = channel_extent(c, inner, c.ocs, c.o1, c.o2);
+  TORCH_CHECK(last_out >= 0 && last_out < numel, fn, ": geometry: output offsets leave out");
+  const int64_t nslots = static_cast<int64_t>(xs.size());
+  TORCH_CHECK(nslots >= 1 && nslots <= gc::kMaxBranches, fn, ": xs: 1 to ", gc::kMaxBranches, " branches, got ", nslots);
+  const int64_t nterms = static_cast<int64_t>(pos.size());
+  TORCH_CHECK(nterms <= gc::kMaxTerms && (kind == gc::kCfgNorm || nterms >= 1), fn, ": 1 to ", gc::kMaxTerms,
+              " terms (Mahiro reads the first), got ", nterms);
+  TORCH_CHECK(neg.size() == pos.size() && scales.size() == pos.size() && scale_tensors.size() == pos.size(), fn,
+              ": pos, neg, scales and scale_tensors must have one entry per term");
+  auto slot = [&](const char* name, int64_t i) {
+    TORCH_CHECK(i >= 0 && i < nslots, fn, ": ", name, ": slot ", i, " out of range for ", nslots, " branches");
+    return static_cast<int32_t>(i);
+  };
+  const int64_t last_in = channel_extent(c, c.bs, c.cs, c.s1, c.s2);
+  gc::ChannelParams p{};
+  p.out = out.data_ptr();
+  p.nslots = static_cast<int32_t>(nslots);
+  for (int64_t k = 0; k < nslots; ++k) {
+    check_on_device(fn, "xs", xs[k], out);
+    TORCH_CHECK_TYPE(xs[k].scalar_type() == out.scalar_type(), fn, ": xs: dtype ", xs[k].scalar_type(),
+                     " differs from out ", out.scalar_type());
+    const int64_t available = static_cast<int64_t>(xs[k].storage().nbytes() / xs[k].itemsize()) -
+                              xs[k].storage_offset();
+    TORCH_CHECK(last_in >= 0 && last_in < available, fn, ": xs: the plan addresses element ", last_in,
+                " but the storage holds ", available, " from the tensor's offset");
+    p.x[k] = xs[k].data_ptr();
+  }
+  p.base = slot("base", base);
+  p.nterms = static_cast<int32_t>(nterms);
+  p.ref = kind == gc::kCfgNorm ? slot("ref", ref) : 0;
+  for (int64_t t = 0; t < nterms; ++t) {
+    p.pos[t] = slot("pos", pos[t]);
+    p.neg[t] = slot("neg", neg[t]);
+    p.g[t] = read_scale(fn, "scale_tensors", scales[t], scale_tensors[t], out, c.batch);
+  }
+  if (kind == gc::kCfgNorm) p.strength = read_scale(fn, "strength_tensor", strength, strength_tensor, out, c.batch);
+  p.batch = c.batch;
+  p.channels = c.channels;
+  p.positions = positions;
+  p.p2 = c.p2;
+  p.inner = inner;
+  p.bs = c.bs;
+  p.cs = c.cs;
+  p.s1 = c.s1;
+  p.s2 = c.s2;
+  p.ocs = c.ocs;
+  p.o1 = c.o1;
+  p.o2 = c.o2;
+  p.by_p2 = make_divider(static_cast<uint64_t>(c.p2));
+  const int64_t per_sample = (positions + gc::kThreads - 1) / gc::kThreads;
+  int64_t blocks = 0;
+  TORCH_CHECK(!mul_overflows(c.batch, per_sample, &blocks) && blocks <= std::numeric_limits<int32_t>::max(), fn,
+              ": too many blocks");
+  at::Tensor stats;
+  if (kind == gc::kMahiro) {
+    TORCH_CHECK(chunk >= 1 && chunk % gc::kThreads == 0, fn, ": chunk ", chunk, " must be a positive multiple of ",
+                gc::kThreads);
+    TORCH_CHECK(parts == positions / chunk + (positions % chunk != 0 ? 1 : 0), fn, ": parts ", parts, " x chunk ",
+                chunk, " must cover ", positions, " positions without empty chunks");
+    TORCH_CHECK(c.batch * parts <= std::numeric_limits<int32_t>::max(), fn, ": too many blocks");
+    p.parts = parts;
+    p.chunk = chunk;
+  }
+  const c10::cuda::CUDAGuard guard(out.device());
+  if (kind == gc::kMahiro) {
+    stats = at::empty({c.batch * parts}, out.options().dtype(at::kFloat));
+    p.stats = stats.data_ptr<float>();
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out.get_device()).stream();
+  dispatch_float(fn, out.scalar_type(), [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if (kind == gc::kCfgNorm) {
+      gc::cfg_norm_kernel<T><<<static_cast<unsigned>(blocks), gc::kThreads, 0, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    gc::mahiro_moments_kernel<T><<<static_cast<unsigned>(c.batch * parts), gc::kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gc::mahiro_kernel<T><<<static_cast<unsigned>(blocks), gc::kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
 
 void guidance_combine_cuda(const at::Tensor& out, const std::vector<at::Tensor>& xs, int64_t base,
                            const std::vector<int64_t>& pos, const std::vector<int64_t>& neg,

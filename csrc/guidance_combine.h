@@ -32,7 +32,21 @@ void projected_combine_cuda(const at::Tensor& out, const at::Tensor& cond, const
                             const std::optional<at::Tensor>& phi_tensor, const std::vector<int64_t>& geometry,
                             int64_t parts, int64_t chunk);
 
+// CFG-Norm (kind 1, against slot ref, times strength) or Mahiro (kind 2, from the first term) after
+// the combine, channel-wise on (B, C, *spatial); geometry = [batch, C, P1, P2, bs, cs, s1, s2, ocs,
+// o1, o2] (guidance_kernels/_layout.py channel_geometry); Mahiro's pass 1 covers `chunk` positions
+// (a multiple of 256) per block, `parts` blocks per sample. One launch (CFG-Norm) or two (Mahiro).
+void channel_combine_cuda(const at::Tensor& out, const std::vector<at::Tensor>& xs, int64_t base,
+                          const std::vector<int64_t>& pos, const std::vector<int64_t>& neg,
+                          const std::vector<double>& scales,
+                          const std::vector<std::optional<at::Tensor>>& scale_tensors, int64_t kind, int64_t ref,
+                          double strength, const std::optional<at::Tensor>& strength_tensor,
+                          const std::vector<int64_t>& geometry, int64_t parts, int64_t chunk);
+
 // Elements per block step: reduction chunks must be multiples of it.
 int64_t guidance_combine_tile();
+
+// Threads per block (Mahiro's position chunks are multiples of it).
+int64_t guidance_combine_threads();
 
 }  // namespace guidance_kernels

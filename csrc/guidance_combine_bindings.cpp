@@ -19,7 +19,13 @@ void register_guidance_combine(pybind11::module_& m) {
         py::arg("scale"), py::arg("scale_tensor"), py::arg("eta"), py::arg("norm_threshold"), py::arg("momentum"),
         py::arg("alpha"), py::arg("rescale"),
         py::arg("phi"), py::arg("phi_tensor"), py::arg("geometry"), py::arg("parts"), py::arg("chunk"));
+  m.def("channel_combine", &channel_combine_cuda,
+        "the combine followed by CFG-Norm (kind 1) or Mahiro (kind 2), channel-wise; one or two launches",
+        py::arg("out"), py::arg("xs"), py::arg("base"), py::arg("pos"), py::arg("neg"), py::arg("scales"),
+        py::arg("scale_tensors"), py::arg("kind"), py::arg("ref"), py::arg("strength"), py::arg("strength_tensor"),
+        py::arg("geometry"), py::arg("parts"), py::arg("chunk"));
   m.attr("GUIDANCE_COMBINE_TILE") = guidance_combine_tile();
+  m.attr("GUIDANCE_COMBINE_THREADS") = guidance_combine_threads();
 }
 
 }  // namespace guidance_kernels

@@ -158,6 +158,49 @@ def _sm_count(index: int) -> int:
     return _SM_COUNTS[index]
 
 
+# --------------------------------------------------------------------------- channel-wise launches (CFG-Norm, Mahiro)
+
+
+def channel_geometry(shape: tuple[int, ...], strides: tuple[int, ...],
+                     out_strides: tuple[int, ...]) -> tuple[int, ...] | None:
+    """How the channel-wise kernels address ``(B, C, *S)`` tensors: element ``(b, c, p)`` with ``p``
+    a position over the spatial dims ``S`` in the output's memory order, ``p = i1·P2 + i2``, is read
+    at ``b·bs + c·cs + i1·s1 + i2·s2`` and written at ``b·inner + c·ocs + i1·o1 + i2·o2`` (the
+    output is dense, batch outermost). Spatial dims contiguous with each other in the inputs and
+    the output are merged; returns ``(C, P1, P2, bs, cs, s1, s2, ocs, o1, o2)``, or None when more
+    than two spatial runs remain (the caller then copies the inputs into the output's layout, in
+    which the channel dim splits the spatial dims into at most two runs)."""
+    runs: list[list[int]] = []
+    for d in sorted(range(2, len(shape)), key=lambda d: -out_strides[d]):
+        n = shape[d]
+        if n == 1:
+            continue
+        if runs and runs[-1][1] == strides[d] * n and runs[-1][2] == out_strides[d] * n:
+            runs[-1] = [runs[-1][0] * n, strides[d], out_strides[d]]
+        else:
+            runs.append([n, strides[d], out_strides[d]])
+    if len(runs) > 2:
+        return None
+    runs = [[1, 0, 0]] * (2 - len(runs)) + runs
+    channels = shape[1] if len(shape) > 1 else 1
+    cs, ocs = (strides[1], out_strides[1]) if channels > 1 else (0, 0)
+    bs = strides[0] if shape[0] > 1 else 0
+    (p1, s1, o1), (p2, s2, o2) = runs
+    return channels, p1, p2, bs, cs, s1, s2, ocs, o1, o2
+
+
+def channel_plan(branches: list[torch.Tensor], out: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
+    """The inputs of a channel-wise launch writing ``out`` (from :func:`output_like`), sharing one
+    layout (copied into the output's when they differ or need more than two spatial runs), and
+    their :func:`channel_geometry`."""
+    xs = plan(branches, out).tensors
+    geo = channel_geometry(tuple(out.shape), tuple(xs[0].stride()), tuple(out.stride()))
+    if geo is None:
+        xs = tuple(torch.empty_like(out).copy_(x) for x in xs)
+        geo = channel_geometry(tuple(out.shape), tuple(xs[0].stride()), tuple(out.stride()))
+    return xs, geo
+
+
 # --------------------------------------------------------------------------- branches and batch items
 
 

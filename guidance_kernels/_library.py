@@ -251,6 +251,35 @@ class MagCombineArgs(NamedTuple):
     rescaling = property(lambda self: _spec.rescale_on(self.rescale, self.rescale_tensor))
 
 
+class CfgNormCombineArgs(NamedTuple):
+    """The combine followed by ComfyUI's CFGNorm (per-position channel norms). See
+    guidance_kernels.guidance_combine (``cfg_norm=``)."""
+
+    preds: list[Tensor]
+    num_branches: int
+    base: int
+    pos: list[int]
+    neg: list[int]
+    scales: list[float]
+    scale_tensors: list[Optional[Tensor]]
+    strength: float
+    strength_tensor: Optional[Tensor]
+    ref: int  # the branch whose channel norm bounds the output's (cond)
+
+
+class MahiroCombineArgs(NamedTuple):
+    """The combine followed by ComfyUI's Mahiro (cond, uncond and scale of the first term). See
+    guidance_kernels.guidance_combine (``mahiro=True``)."""
+
+    preds: list[Tensor]
+    num_branches: int
+    base: int
+    pos: list[int]
+    neg: list[int]
+    scales: list[float]
+    scale_tensors: list[Optional[Tensor]]
+
+
 def _combine_fake(a) -> Tensor:
     return _branch_out(a.preds, a.num_branches)
 
@@ -262,6 +291,8 @@ define("apg_combine_momentum", ApgCombineMomentumArgs, _combine_fake, stem="guid
 define("cfg_zero_star_combine", CfgZeroStarCombineArgs, _combine_fake, stem="guidance_combine")
 define("tcfg_combine", TcfgCombineArgs, _combine_fake, stem="guidance_combine")
 define("mag_combine", MagCombineArgs, _combine_fake, stem="guidance_combine")
+define("guidance_combine_cfg_norm", CfgNormCombineArgs, _combine_fake, stem="guidance_combine")
+define("guidance_combine_mahiro", MahiroCombineArgs, _combine_fake, stem="guidance_combine")
 
 
 # --------------------------------------------------------------------------- attention_key_mass

@@ -185,3 +185,4 @@ def nearest_scale(in_size: int, out_size: int) -> float:
     if out_size == 2 * in_size:
         return 0.5
     return fp32(in_size / out_size)
+

@@ -178,6 +178,30 @@ def mag_combine(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, scale, *, al
     return pred
 
 
+def cfg_norm(denoised: torch.Tensor, cond: torch.Tensor, strength) -> torch.Tensor:
+    """ComfyUI's CFGNorm on a combine result: channel norms (dim 1) per position,
+    ``denoised · clamp(‖cond‖ / (‖denoised‖ + 1e-8), 0, 1) · strength``."""
+    norm_cond = torch.linalg.vector_norm(cond, dim=1, keepdim=True)
+    norm_out = torch.linalg.vector_norm(denoised, dim=1, keepdim=True)
+    scale = (norm_cond / (norm_out + 1e-8)).clamp(min=0.0, max=1.0)
+    return denoised * scale * _per_sample(strength, denoised)
+
+
+def mahiro(denoised: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
+    """ComfyUI's Mahiro on a combine result, with the similarity averaged per sample (ComfyUI
+    averages over the whole batch: the same for a batch of one)."""
+    s = _per_sample(scale, denoised)
+    leap = cond * s
+    u_leap = uncond * s
+    merge = (leap + denoised) / 2
+    normu = torch.sqrt(u_leap.abs()) * u_leap.sign()
+    normm = torch.sqrt(merge.abs()) * merge.sign()
+    sim = torch.nn.functional.cosine_similarity(normu, normm, dim=1)
+    sim = sim.reshape(sim.shape[0], -1).mean(dim=1).reshape(-1, *([1] * (denoised.dim() - 1)))
+    simsc = 2 * (sim + 1)
+    return (simsc * denoised + (4 - simsc) * leap) / 4
+
+
 # --------------------------------------------------------------------------- Gaussian blur (SEG §5, SAG §6)
 
 

@@ -2,8 +2,9 @@
 
 import torch
 
-from guidance_kernels._library import (ApgCombineArgs, ApgCombineMomentumArgs, CfgZeroStarCombineArgs,
-                                      GuidanceCombineArgs, MagCombineArgs, TcfgCombineArgs)
+from guidance_kernels._library import (ApgCombineArgs, ApgCombineMomentumArgs, CfgNormCombineArgs,
+                                      CfgZeroStarCombineArgs, GuidanceCombineArgs, MagCombineArgs, MahiroCombineArgs,
+                                      TcfgCombineArgs)
 from guidance_kernels.triton import guidance_combine as K
 
 
@@ -48,6 +49,17 @@ def _projected(dtype, kind, momentum=False, original=False):
     return case
 
 
+def _channel(dtype, layout, kind):
+    def case():
+        preds, k = _split(_pred(dtype, layout), 3)
+        terms = (preds, k, 0, [1, 1], [0, 2], [0.0, 3.0], [torch.ones(2), None])
+        if kind == "cfg_norm":
+            K.guidance_combine_cfg_norm(CfgNormCombineArgs(*terms, 1.0, None, 1))
+        else:
+            K.guidance_combine_mahiro(MahiroCombineArgs(*terms))
+    return case
+
+
 CASES = []
 for _dtype in (torch.float32, torch.float16, torch.bfloat16):
     for _layout in ("contiguous", "channels_last"):
@@ -60,3 +72,6 @@ for _dtype in (torch.float32, torch.float16, torch.bfloat16):
     for _original in (False, True):
         CASES.append((f"tcfg-{_dtype}-original={_original}", _projected(_dtype, "tcfg", original=_original)))
         CASES.append((f"mag-{_dtype}-original={_original}", _projected(_dtype, "mag", original=_original)))
+    for _layout in ("contiguous", "channels_last"):
+        for _kind in ("cfg_norm", "mahiro"):
+            CASES.append((f"{_kind}-{_dtype}-{_layout}", _channel(_dtype, _layout, _kind)))

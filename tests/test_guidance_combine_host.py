@@ -86,6 +86,7 @@ class FakeExtension:
     def __init__(self, host: Host):
         self.host = host
         self.GUIDANCE_COMBINE_TILE = host.tile
+        self.GUIDANCE_COMBINE_THREADS = host.threads
         self.paths: list[tuple[int, ...]] = []
 
     def _vector_ok(self, geometry: list[int], tensors: list[torch.Tensor]) -> bool:
@@ -130,6 +131,22 @@ class FakeExtension:
         storage(out, out.numel()).copy_(from_bits(replies[0].split()[2:], out.dtype))
         if buf is not None:
             storage(buf, buf.numel()).copy_(from_bits(replies[1].split()[2:], buf.dtype))
+
+
+    def channel_combine(self, out, xs, base, pos, neg, scales, scale_tensors, kind, ref, strength, strength_tensor,
+                        geometry, parts, chunk):
+        batch, channels, p1, p2, bs, cs, s1, s2 = geometry[:8]
+        count = (batch - 1) * bs + (channels - 1) * cs + (p1 - 1) * s1 + (p2 - 1) * s2 + 1
+        fields = []
+        for t in xs:
+            assert count <= t.untyped_storage().nbytes() // t.element_size() - t.storage_offset()
+            fields.append(f"{count} {to_bits(storage(t, count))}")
+        lines = [f"channel kind {kind} fmt {FMT[out.dtype]}", "geometry " + " ".join(map(str, geometry)),
+                 f"plan {parts} {chunk}", f"slots {len(xs)}", *fields, f"base {base}", f"terms {len(pos)}"]
+        lines += [f"{p} {n} {_scale_field(v, t, batch)}" for p, n, v, t in zip(pos, neg, scales, scale_tensors)]
+        lines += [f"ref {ref}", f"strength {_scale_field(strength, strength_tensor, batch)}", "end"]
+        (reply,) = self.host.run("\n".join(lines))
+        storage(out, out.numel()).copy_(from_bits(reply.split()[2:], out.dtype))
 
 
 @pytest.fixture
@@ -370,6 +387,36 @@ def test_decided_non_finite_rules(cuda_on_cpu, monkeypatch):
     c[0, 0, 0, 0] = float("nan")
     out = gk.apg_combine([u, c], 5.0, norm_threshold=2.0)
     assert torch.equal(torch.isnan(out), torch.isnan(R.apg_combine(c, u, 5.0, norm_threshold=2.0)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_cfg_norm_and_mahiro_match_reference(cuda_on_cpu, monkeypatch, dtype, layout):
+    """Channel-wise kernels: per position over the channels, Mahiro's per-sample mean over chunks."""
+    branches = _branches(3, (3, 5, 23, 24), dtype, seed=16)
+    if layout == "channels_last":
+        branches = [b.contiguous(memory_format=torch.channels_last) for b in branches]
+    elif layout == "sliced":
+        branches = [make_strided(b, "sliced") for b in branches]
+    scale = torch.tensor([4.0, 6.0, 7.5])
+    g = gk.cfg(scale) + gk.pag(2.0)
+    g64 = _guidance64(g)
+    truth_out = R.guidance_combine(to64(branches), g64)
+    lowp_out = R.guidance_combine(branches, g)
+    u, c = branches[0], branches[1]
+    for strength in (1.0, torch.tensor([0.5, 1.0, 2.0])):
+        truth = R.cfg_norm(truth_out, to64(c), to64(strength))
+        lowp = R.cfg_norm(lowp_out, c, strength)
+        out = gk.guidance_combine(branches, g, cfg_norm=strength)
+        assert_close_to_truth(out, lowp, truth, factor=4.0, what=f"cfg_norm {layout} {strength}")
+        if layout == "channels_last":
+            assert out.is_contiguous(memory_format=torch.channels_last)
+    for target in (4, 64):
+        _targets(monkeypatch, target)
+        truth = R.mahiro(truth_out, to64(c), to64(u), to64(scale))
+        lowp = R.mahiro(lowp_out, c, u, scale)
+        out = gk.guidance_combine(branches, g, mahiro=True)
+        assert_close_to_truth(out, lowp, truth, factor=4.0, what=f"mahiro {layout} target={target}")
 
 
 # --------------------------------------------------------------------------- building blocks

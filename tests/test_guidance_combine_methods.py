@@ -347,3 +347,112 @@ def test_interval_bad_input():
         gk.sigma_interval(3.0, 1.0, sigma_start=2.0, sigma_end=0.5)
     with pytest.raises(ValueError, match="guidance_interval: step: must be >= 0"):
         gk.guidance_interval(3.0, step=-1, num_steps=10)
+
+
+# --------------------------------------------------------------------------- CFG-Norm and Mahiro (ComfyUI)
+
+
+def _comfy_cfg_norm(cond_p, pred_text, strength):
+    """ComfyUI's CFGNorm post-CFG function, written out."""
+    norm_full_cond = torch.norm(cond_p, dim=1, keepdim=True)
+    norm_pred_text = torch.norm(pred_text, dim=1, keepdim=True)
+    scale = (norm_full_cond / (norm_pred_text + 1e-8)).clamp(min=0.0, max=1.0)
+    return pred_text * scale * strength
+
+
+def _comfy_mahiro(scale, cond_p, uncond_p, cfg):
+    """ComfyUI's Mahiro post-CFG function, written out (its similarity is a mean over the batch)."""
+    leap = cond_p * scale
+    u_leap = uncond_p * scale
+    merge = (leap + cfg) / 2
+    normu = torch.sqrt(u_leap.abs()) * u_leap.sign()
+    normm = torch.sqrt(merge.abs()) * merge.sign()
+    sim = torch.nn.functional.cosine_similarity(normu, normm).mean()
+    simsc = 2 * (sim + 1)
+    return (simsc * cfg + (4 - simsc) * leap) / 4
+
+
+def test_cfg_norm_and_mahiro_references_match_comfyui():
+    g = torch.Generator().manual_seed(20)
+    u, c = (torch.randn(3, 4, 6, 5, generator=g) for _ in range(2))
+    cfg = u + 6.0 * (c - u)
+    ours = gk.guidance_combine([u, c], gk.cfg(6.0), cfg_norm=0.8)
+    torch.testing.assert_close(R.cfg_norm(cfg, c, 0.8), _comfy_cfg_norm(c, cfg, 0.8), rtol=0, atol=0)
+    torch.testing.assert_close(ours, _comfy_cfg_norm(c, cfg, 0.8), rtol=1e-6, atol=1e-6)
+    # Mahiro: identical to ComfyUI for a batch of one; per sample otherwise (ComfyUI mixes the batch).
+    for b in range(3):
+        one = slice(b, b + 1)
+        torch.testing.assert_close(R.mahiro(cfg[one], c[one], u[one], 6.0),
+                                   _comfy_mahiro(6.0, c[one], u[one], cfg[one]), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gk.guidance_combine([u, c], gk.cfg(6.0), mahiro=True)[one],
+                                   _comfy_mahiro(6.0, c[one], u[one], cfg[one]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 4, 7, 9), (1, 16, 3, 5, 6), (3, 7)], ids=str)
+def test_cfg_norm_and_mahiro_match_truth(lane, dtype, shape):
+    """4-D latents, a 5-D video latent (dim 1 = channels) and (B, C) with a single position."""
+    backend, device = lane
+    g = torch.Generator().manual_seed(21)
+    u, c, p = (torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for _ in range(3))
+    scale = torch.linspace(3.0, 7.0, shape[0], device=device)
+    guidance = gk.cfg(scale) + gk.pag(1.5)
+    g64 = gk.Guidance(guidance.base, tuple(gk.Term(t.pos, t.neg, to64(t.scale)) for t in guidance.terms))
+    gcpu = gk.Guidance(guidance.base, tuple(gk.Term(t.pos, t.neg, _cpu(t.scale)) for t in guidance.terms))
+    branches = [u, c, p]
+    pred = torch.cat(branches)
+    if len(shape) == 4:
+        pred = pred.contiguous(memory_format=torch.channels_last)
+    truth_out = R.guidance_combine(to64(branches), g64)
+    lowp_out = R.guidance_combine([x.cpu() for x in branches], gcpu)
+    strength = torch.linspace(0.5, 1.5, shape[0], device=device)
+    out = gk.guidance_combine(pred, guidance, cfg_norm=strength, backend=backend)
+    if len(shape) == 4:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_truth(out, R.cfg_norm(lowp_out, c.cpu(), strength.cpu()),
+                          R.cfg_norm(truth_out, to64(c), to64(strength)), factor=4.0, what=f"cfg_norm {backend}")
+    out = gk.guidance_combine(branches, guidance, mahiro=True, backend=backend)
+    assert_close_to_truth(out, R.mahiro(lowp_out, c.cpu(), u.cpu(), scale.cpu()),
+                          R.mahiro(truth_out, to64(c), to64(u), to64(scale)), factor=4.0, what=f"mahiro {backend}")
+
+
+def test_cfg_norm_and_mahiro_bad_input():
+    x = torch.randn(6, 4, 5, 5)
+    g = gk.cfg(7.5) + gk.pag(3.0)
+    with pytest.raises(ValueError, match="guidance_combine: cfg_norm: rescale, cfg_norm and mahiro are alternative"):
+        gk.guidance_combine(x, g, rescale=0.7, cfg_norm=1.0)
+    with pytest.raises(ValueError, match="guidance_combine: mahiro: rescale, cfg_norm and mahiro are alternative"):
+        gk.guidance_combine(x, g, cfg_norm=1.0, mahiro=True)
+    with pytest.raises(ValueError, match="guidance_combine: cfg_norm: must be >= 0"):
+        gk.guidance_combine(x, g, cfg_norm=-1.0)
+    with pytest.raises(TypeError, match="guidance_combine: mahiro: expected a bool"):
+        gk.guidance_combine(x, g, mahiro=1)
+    with pytest.raises(ValueError, match="guidance_combine: mahiro: needs a guidance term"):
+        gk.guidance_combine(x, gk.Guidance(0), num_branches=3, mahiro=True)
+    with pytest.raises(ValueError, match="guidance_combine: pred: CFG-Norm and Mahiro need a channel dimension"):
+        gk.guidance_combine(torch.randn(6), g, mahiro=True)
+
+
+def test_cfg_norm_and_mahiro_opcheck_and_compile():
+    import torch._dynamo.testing
+
+    g = torch.Generator().manual_seed(22)
+    u, c, p = (torch.randn(2, 3, 4, 5, generator=g) for _ in range(3))
+    ops = torch.ops.guidance_kernels
+    scale = torch.tensor([2.0, 3.0])
+    torch.library.opcheck(ops.guidance_combine_cfg_norm, ([u, c, p], 3, 0, [1, 1], [0, 2], [7.5, 0.0], [None, scale],
+                                                          0.0, scale, 1, "torch"))
+    torch.library.opcheck(ops.guidance_combine_mahiro, ([torch.cat([u, c, p])], 3, 0, [1, 1], [0, 2], [0.0, 3.0],
+                                                        [scale, None], "torch"))
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+
+    def step(pred, s, strength):
+        g = gk.cfg(s) + gk.pag(2.0)
+        return gk.guidance_combine(pred, g, cfg_norm=strength) + gk.guidance_combine(pred, g, mahiro=True)
+
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    pred = torch.cat([u, c, p])
+    for i in range(3):
+        s, strength = torch.tensor(5.0 + i), torch.tensor(0.5 + 0.25 * i)
+        torch.testing.assert_close(compiled(pred, s, strength), step(pred, s, strength), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1

@@ -1,5 +1,5 @@
-"""CUDA backend of the combine family: guidance_combine, apg_combine, cfg_zero_star_combine,
-tcfg_combine, mag_combine.
+"""CUDA backend of the combine family: guidance_combine (with rescale, CFG-Norm or Mahiro),
+apg_combine, cfg_zero_star_combine, tcfg_combine, mag_combine.
 
 Same signatures and the same planning as :mod:`guidance_kernels.triton.guidance_combine`: the
 branches are viewed without copies (``split_branches``), the output is allocated by
@@ -18,10 +18,12 @@ from __future__ import annotations
 
 from .. import _layout, _spec
 from .._layout import split_branches
-from .._library import ApgCombineArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs, MagCombineArgs, TcfgCombineArgs
+from .._library import (ApgCombineArgs, CfgNormCombineArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs,
+                        MagCombineArgs, MahiroCombineArgs, TcfgCombineArgs)
 from ._common import ext, geometry
 
 APG, CFG_ZERO_STAR, TCFG, MAG = 1, 2, 3, 4  # combine::Kind
+CFG_NORM, MAHIRO = 1, 2  # combine::ChannelKind
 
 
 def _chunks(module, plan: _layout.Plan, device, reduce: bool) -> tuple[int, int]:
@@ -84,3 +86,32 @@ def tcfg_combine(a: TcfgCombineArgs):
 
 def mag_combine(a: MagCombineArgs):
     return _projected(MAG, a, alpha=a.alpha, formulation=int(a.original_formulation))
+
+
+def _channel(kind, a, wanted, ref=0, strength=0.0, strength_tensor=None):
+    """CFG-Norm / Mahiro: channel-wise launches over the spatial positions (``_layout.channel_plan``)."""
+    module = ext()
+    branches = split_branches(a.preds, a.num_branches)
+    slot = {k: i for i, k in enumerate(sorted(set(wanted)))}
+    out = _layout.output_like(branches[0])
+    if out.numel() == 0:
+        return out
+    xs, geo = _layout.channel_plan([branches[k] for k in slot], out)
+    channels, p1, p2 = geo[:3]
+    parts, chunk = 1, module.GUIDANCE_COMBINE_THREADS
+    if kind == MAHIRO:
+        parts, chunk = _layout.partitions(out.shape[0], p1 * p2, module.GUIDANCE_COMBINE_THREADS,
+                                          _layout.target_programs(out.device))
+    module.channel_combine(out, list(xs), slot[a.base], [slot[p] for p in a.pos], [slot[n] for n in a.neg],
+                           [float(s) for s in a.scales], list(a.scale_tensors), kind, slot[ref], float(strength),
+                           strength_tensor, [out.shape[0], *geo], parts, chunk)
+    return out
+
+
+def guidance_combine_cfg_norm(a: CfgNormCombineArgs):
+    return _channel(CFG_NORM, a, [a.base, *a.pos, *a.neg, a.ref], ref=a.ref, strength=a.strength,
+                    strength_tensor=a.strength_tensor)
+
+
+def guidance_combine_mahiro(a: MahiroCombineArgs):
+    return _channel(MAHIRO, a, [a.base, *a.pos, *a.neg], ref=a.pos[0])

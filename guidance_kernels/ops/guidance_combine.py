@@ -36,8 +36,8 @@ from __future__ import annotations
 import torch
 
 from .. import _checks, _layout, _library, _spec, backends
-from .._library import (ApgCombineArgs, ApgCombineMomentumArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs,
-                        MagCombineArgs, TcfgCombineArgs)
+from .._library import (ApgCombineArgs, ApgCombineMomentumArgs, CfgNormCombineArgs, CfgZeroStarCombineArgs,
+                        GuidanceCombineArgs, MagCombineArgs, MahiroCombineArgs, TcfgCombineArgs)
 from .._spec import APG_CFG_FORMULATIONS, APG_FORMULATIONS, MAX_BRANCHES, MAX_TERMS
 from ..terms import Guidance
 
@@ -68,8 +68,10 @@ def _batch(preds: list[torch.Tensor], num_branches: int) -> int:
 
 
 def guidance_combine(pred, guidance: Guidance, *, num_branches: int | None = None, rescale=0.0,
-                     rescale_ref: int | None = None, backend: str | None = None) -> torch.Tensor:
-    """``out = D[base] + Σ_t g_t (D[pos_t] − D[neg_t])``, optionally followed by guidance rescale.
+                     rescale_ref: int | None = None, cfg_norm=None, mahiro: bool = False,
+                     backend: str | None = None) -> torch.Tensor:
+    """``out = D[base] + Σ_t g_t (D[pos_t] − D[neg_t])``, optionally followed by ONE post-CFG
+    correction: guidance rescale (diffusers), CFG-Norm or Mahiro (ComfyUI's nodes).
 
     Args:
         pred: ``(K·B, …)`` stacked branch-major predictions, or a sequence of K ``(B, …)`` tensors.
@@ -78,8 +80,21 @@ def guidance_combine(pred, guidance: Guidance, *, num_branches: int | None = Non
         rescale: φ >= 0 of diffusers' ``rescale_noise_cfg`` (0 = off): with per-sample unbiased std
             over all non-batch dims, ``out = φ·out·std(D[rescale_ref])/std(out) + (1 − φ)·out``.
         rescale_ref: branch whose std is matched (default: the first term's positive branch,
-            i.e. the cond prediction, as in diffusers).
+            i.e. the cond prediction, as in diffusers); also CFG-Norm's reference.
+        cfg_norm: ComfyUI's CFGNorm ``strength`` (None = off; a number >= 0 or a per-sample tensor):
+            per sample and spatial position, with channel norms over dim 1,
+            ``out = out · clamp(‖D[rescale_ref]‖ / (‖out‖ + 1e-8), 0, 1) · strength``.
+        mahiro: ComfyUI's Mahiro with the first term as its CFG (``s`` its scale, ``c``/``u`` its
+            branches): ``leap = s·c``, ``merge = (leap + out)/2``, ``sim`` = the mean over spatial
+            positions of the channel cosine similarity (eps 1e-8) of ``√|s·u|·sign(s·u)`` and
+            ``√|merge|·sign(merge)``, ``k = 2(sim + 1)``: ``out = (k·out + (4 − k)·leap)/4``.
+            ``sim`` is per sample; ComfyUI averages it over the whole batch, so batched images
+            influence each other there (identical for a batch of one, ComfyUI's usual case).
         backend: ``"cuda"``, ``"triton"``, ``"torch"`` or None/``"auto"`` (see :mod:`.backends`).
+
+    CFG-Norm and Mahiro work per position on ``(B, C, *spatial)`` (dim 1 = channels, as ComfyUI's
+    latents) in the space the caller hands over (ComfyUI: x0); like ComfyUI's post-CFG hooks they
+    follow the whole combine, and at most one of rescale, cfg_norm and mahiro may be on.
 
     Returns:
         ``(B, …)`` in the dtype of ``pred``, laid out like one branch when the branches are dense
@@ -104,14 +119,30 @@ def guidance_combine(pred, guidance: Guidance, *, num_branches: int | None = Non
         tensors.append(tensor)
     phi, phi_tensor = _rescale_arg(fn, rescale, batch, device)
     rescaling = _spec.rescale_on(phi, phi_tensor)
+    mahiro = _checks.bool_flag(fn, "mahiro", mahiro)
+    if sum((rescaling, cfg_norm is not None, mahiro)) > 1:
+        _checks.fail(fn, "mahiro" if mahiro else "cfg_norm",
+                     "rescale, cfg_norm and mahiro are alternative post-CFG corrections: use one")
     if rescaling:
         _per_sample_dims(fn, preds)
+    if (cfg_norm is not None or mahiro) and preds[0].dim() < 2:
+        _checks.fail(fn, "pred", "CFG-Norm and Mahiro need a channel dimension (dim 1)")
+    if mahiro and not guidance.terms:
+        _checks.fail(fn, "mahiro", "needs a guidance term (its first term is the CFG it corrects)")
     if rescale_ref is None:
-        if rescaling and not guidance.terms:
+        if (rescaling or cfg_norm is not None) and not guidance.terms:
             _checks.fail(fn, "rescale_ref", "required when rescaling a guidance without terms")
         rescale_ref = pos[0] if pos else base
     rescale_ref = _checks.branch_index(fn, "rescale_ref", rescale_ref, k)
     chosen = backends.select(fn, preds[0], backend=backend)
+    if cfg_norm is not None:
+        strength, strength_tensor = _checks.scale(fn, "cfg_norm", cfg_norm, batch, device, minimum=0.0)
+        args = CfgNormCombineArgs(preds, k, base, pos, neg, numbers_, tensors, strength, strength_tensor,
+                                  rescale_ref)
+        return _library.call("guidance_combine_cfg_norm", args, chosen)
+    if mahiro:
+        args = MahiroCombineArgs(preds, k, base, pos, neg, numbers_, tensors)
+        return _library.call("guidance_combine_mahiro", args, chosen)
     args = GuidanceCombineArgs(preds, k, base, pos, neg, numbers_, tensors, phi, phi_tensor, rescale_ref)
     return _library.call(fn, args, chosen)
 

@@ -1,5 +1,5 @@
-"""PyTorch backend of the combine family: guidance_combine, apg_combine, cfg_zero_star_combine,
-tcfg_combine, mag_combine.
+"""PyTorch backend of the combine family: guidance_combine (with rescale, CFG-Norm or Mahiro),
+apg_combine, cfg_zero_star_combine, tcfg_combine, mag_combine.
 
 Arithmetic is fp32 (fp64 for fp64 inputs) whatever the input dtype; the output is a new (B, …)
 tensor in the input dtype, laid out by ``_layout.output_like``. The formulas are those of
@@ -14,7 +14,8 @@ import torch
 
 from .. import _spec
 from .._layout import output_like, split_branches
-from .._library import ApgCombineArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs, MagCombineArgs, TcfgCombineArgs
+from .._library import (ApgCombineArgs, CfgNormCombineArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs,
+                        MagCombineArgs, MahiroCombineArgs, TcfgCombineArgs)
 from ._common import compute_dtype, per_sample
 
 
@@ -29,23 +30,59 @@ def _rescale(out: torch.Tensor, ref: torch.Tensor, phi) -> torch.Tensor:
     return phi * (out * ratio) + (1 - phi) * out
 
 
+def _linear(a, branches, dtype, out=None) -> torch.Tensor:
+    """D[base] + Σ g_t (D[pos_t] − D[neg_t]) in ``dtype``; the last term is written into ``out``
+    when given (no copy when nothing follows)."""
+    acc = branches[a.base].to(dtype)
+    for i, (p, n, g, g_tensor) in enumerate(zip(a.pos, a.neg, a.scales, a.scale_tensors)):
+        diff = branches[p].to(dtype) - branches[n].to(dtype)
+        target = out if i == len(a.pos) - 1 else None
+        # Multiply, then add (torch.add(alpha=) and addcmul fuse them into one rounding on the CPU).
+        acc = torch.add(acc, diff * per_sample(g, g_tensor, acc.dim(), dtype), out=target)
+    return acc
+
+
 def guidance_combine(a: GuidanceCombineArgs):
     branches = split_branches(a.preds, a.num_branches)
     like = branches[0]
     dtype = compute_dtype(like)
     rescaling = a.rescaling
     out = output_like(like)
-    acc = branches[a.base].to(dtype)
-    for i, (p, n, g, g_tensor) in enumerate(zip(a.pos, a.neg, a.scales, a.scale_tensors)):
-        diff = branches[p].to(dtype) - branches[n].to(dtype)
-        # The last term goes straight into the output when no rescale or dtype change follows.
-        target = out if (i == len(a.pos) - 1 and not rescaling and out.dtype == dtype) else None
-        # Multiply, then add (torch.add(alpha=) and addcmul fuse them into one rounding on the CPU).
-        acc = torch.add(acc, diff * per_sample(g, g_tensor, acc.dim(), dtype), out=target)
+    acc = _linear(a, branches, dtype, out if not rescaling and out.dtype == dtype else None)
     if rescaling:
         phi = per_sample(a.rescale, a.rescale_tensor, acc.dim(), dtype)
         acc = _rescale(acc, branches[a.rescale_ref].to(dtype), phi)
     return acc if acc is out else out.copy_(acc)
+
+
+def guidance_combine_cfg_norm(a: CfgNormCombineArgs):
+    branches = split_branches(a.preds, a.num_branches)
+    dtype = compute_dtype(branches[0])
+    acc = _linear(a, branches, dtype)
+    norm_ref = torch.linalg.vector_norm(branches[a.ref].to(dtype), dim=1, keepdim=True)
+    norm_out = torch.linalg.vector_norm(acc, dim=1, keepdim=True)
+    # clamp(x, 0, 1) keeps a NaN (torch.clamp), as ComfyUI's does
+    scale = (norm_ref / (norm_out + _spec.CFG_NORM_EPS)).clamp(min=0.0, max=1.0)
+    return _finish(acc * scale * per_sample(a.strength, a.strength_tensor, acc.dim(), dtype), branches[0])
+
+
+def guidance_combine_mahiro(a: MahiroCombineArgs):
+    branches = split_branches(a.preds, a.num_branches)
+    dtype = compute_dtype(branches[0])
+    acc = _linear(a, branches, dtype)
+    s = per_sample(a.scales[0], a.scale_tensors[0], acc.dim(), dtype)
+    leap = branches[a.pos[0]].to(dtype) * s
+    u_leap = branches[a.neg[0]].to(dtype) * s
+    merge = (leap + acc) / 2
+    normu = torch.sqrt(u_leap.abs()) * u_leap.sign()
+    normm = torch.sqrt(merge.abs()) * merge.sign()
+    dot = (normu * normm).sum(dim=1)
+    eps = _spec.COSINE_EPS
+    cos = dot / (torch.linalg.vector_norm(normu, dim=1).clamp_min(eps) * torch.linalg.vector_norm(normm, dim=1)
+                 .clamp_min(eps))
+    sim = cos.reshape(cos.shape[0], -1).mean(dim=1).reshape(-1, *([1] * (acc.dim() - 1)))
+    simsc = 2 * (sim + 1)
+    return _finish((simsc * acc + (4 - simsc) * leap) / 4, branches[0])
 
 
 def _pair(a):

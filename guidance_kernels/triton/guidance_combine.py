@@ -22,6 +22,13 @@ Launch structure (B samples of ``inner`` elements, see :mod:`guidance_kernels._l
      elements from the inputs and writes the output. Recomputing instead of storing an
      intermediate keeps fp32 precision and moves no more bytes for two or three branches.
 
+* CFG-Norm / Mahiro (``guidance_combine(cfg_norm=…)`` / ``(mahiro=True)``): channel-wise, on
+  ``(B, C, *spatial)`` addressed through ``_layout.channel_geometry``; programs take BLOCK_P spatial
+  positions of one sample and walk the channels in BLOCK_C blocks. CFG-Norm is ONE launch (a
+  first channel sweep for the two norms per position, a second that writes); Mahiro TWO (per
+  (sample, chunk of positions) sums of the channel cosine similarities, then the elementwise mix
+  with the per-sample mean).
+
 Fields per kind: KIND_COMBINE (ref, acc, 0); KIND_APG (cond, cond − uncond, running diff when a
 momentum buffer is used); KIND_CFG0, KIND_TCFG, KIND_MAG (cond, cond − uncond, uncond). Every
 output that needs a std is linear in the fields with per-sample coefficients, so its variance is
@@ -39,7 +46,8 @@ import triton.language as tl
 
 from .. import _layout, _spec
 from .._layout import split_branches
-from .._library import ApgCombineArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs, MagCombineArgs, TcfgCombineArgs
+from .._library import (ApgCombineArgs, CfgNormCombineArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs,
+                        MagCombineArgs, MahiroCombineArgs, TcfgCombineArgs)
 from ._common import device_guard
 
 BLOCK = 1024
@@ -51,6 +59,8 @@ KIND_CFG0: tl.constexpr = tl.constexpr(2)
 KIND_TCFG: tl.constexpr = tl.constexpr(3)
 KIND_MAG: tl.constexpr = tl.constexpr(4)
 NORMALIZE_EPS: tl.constexpr = tl.constexpr(_spec.NORMALIZE_EPS)
+CFG_NORM_EPS: tl.constexpr = tl.constexpr(_spec.CFG_NORM_EPS)
+COSINE_EPS: tl.constexpr = tl.constexpr(_spec.COSINE_EPS)
 CFG0_EPS: tl.constexpr = tl.constexpr(_spec.CFG_ZERO_STAR_EPS)
 
 
@@ -528,3 +538,164 @@ def tcfg_combine(a: TcfgCombineArgs):
 
 def mag_combine(a: MagCombineArgs):
     return _projected(4, a, alpha=a.alpha, formulation=int(a.original_formulation))
+
+
+# --------------------------------------------------------------------------- channel-wise: CFG-Norm, Mahiro
+
+
+@triton.jit
+def _positions(tile, P, P2, bs, s1, s2, o1, o2, b, BLOCK_P: tl.constexpr):
+    """Positions ``tile·BLOCK_P + [0, BLOCK_P)`` of sample b: mask, input and output offsets."""
+    p = tile.to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = p < P
+    i1 = p // P2
+    i2 = p % P2
+    return pmask, b * bs + i1 * s1 + i2 * s2, i1 * o1 + i2 * o2
+
+
+@triton.jit
+def _channels(cb, C, cs, ocs, pin, pout, pmask, BLOCK_C: tl.constexpr):
+    """Channel block cb: the 2-D (BLOCK_C, BLOCK_P) mask, input and output offsets."""
+    ch = cb * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    mask = (ch < C)[:, None] & pmask[None, :]
+    return mask, pin[None, :] + ch[:, None] * cs, pout[None, :] + ch[:, None] * ocs
+
+
+@triton.jit
+def _signed_sqrt(x):
+    """√|x|·sign(x) (NaN stays NaN through the square root)."""
+    root = tl.sqrt(tl.abs(x))
+    return tl.where(x < 0.0, -root, tl.where(x > 0.0, root, root * 0.0))
+
+
+@triton.jit
+def _cfg_norm_kernel(out_ptr, xs, gs, gps, gss, strength, st_ptr, st_stride,
+                     C, P, P2, bs, cs, s1, s2, ocs, o1, o2, inner, tiles_p, c_blocks,
+                     BASE: tl.constexpr, TERMS: tl.constexpr, NT: tl.constexpr, REF: tl.constexpr,
+                     ST_TENSOR: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // tiles_p).to(tl.int64)
+    pmask, pin, pout = _positions(pid % tiles_p, P, P2, bs, s1, s2, o1, o2, b, BLOCK_P)
+    n_ref = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    n_out = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for cb in range(0, c_blocks):
+        mask, off, _o = _channels(cb, C, cs, ocs, pin, pout, pmask, BLOCK_C)
+        acc = _linear(xs, off, mask, b, gs, gps, gss, BASE, TERMS, NT)
+        ref = _load(xs[REF] + off, mask)
+        n_out += tl.sum(acc * acc, axis=0)
+        n_ref += tl.sum(ref * ref, axis=0)
+    # clamp(‖ref‖ / (‖out‖ + eps), 0, 1): the ratio is >= 0 or NaN, and NaN stays
+    scale = _min_nan(tl.sqrt(n_ref) / (tl.sqrt(n_out) + CFG_NORM_EPS), 1.0)
+    strength = _scale_at(strength, st_ptr, st_stride, b, ST_TENSOR)
+    for cb in range(0, c_blocks):
+        mask, off, o = _channels(cb, C, cs, ocs, pin, pout, pmask, BLOCK_C)
+        acc = _linear(xs, off, mask, b, gs, gps, gss, BASE, TERMS, NT)
+        tl.store(out_ptr + b * inner + o, ((acc * scale[None, :]) * strength).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _mahiro_moments_kernel(stats_ptr, xs, gs, gps, gss, C, P, P2, bs, cs, s1, s2, chunk_tiles, num_parts, c_blocks,
+                           BASE: tl.constexpr, TERMS: tl.constexpr, NT: tl.constexpr, COND: tl.constexpr,
+                           UNCOND: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Σ over a chunk of positions of cos(√|s·u|·sign, √|merge|·sign) over the channels."""
+    pid = tl.program_id(0)
+    b = (pid // num_parts).to(tl.int64)
+    part = pid % num_parts
+    s = _scale_at(gs[0], gps[0], gss[0], b, TERMS[0][2])
+    total = 0.0
+    for t in range(0, chunk_tiles):
+        pmask, pin, pout = _positions(part * chunk_tiles + t, P, P2, bs, s1, s2, 0, 0, b, BLOCK_P)
+        dot = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        n_u = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        n_m = tl.zeros((BLOCK_P,), dtype=tl.float32)
+        for cb in range(0, c_blocks):
+            mask, off, _o = _channels(cb, C, cs, 0, pin, pout, pmask, BLOCK_C)
+            acc = _linear(xs, off, mask, b, gs, gps, gss, BASE, TERMS, NT)
+            leap = _load(xs[COND] + off, mask) * s
+            norm_u = _signed_sqrt(_load(xs[UNCOND] + off, mask) * s)
+            norm_m = _signed_sqrt((leap + acc) / 2.0)
+            dot += tl.sum(norm_u * norm_m, axis=0)
+            n_u += tl.sum(norm_u * norm_u, axis=0)
+            n_m += tl.sum(norm_m * norm_m, axis=0)
+        cos = dot / (_max_nan(tl.sqrt(n_u), COSINE_EPS) * _max_nan(tl.sqrt(n_m), COSINE_EPS))
+        total += tl.sum(tl.where(pmask, cos, 0.0), axis=0)
+    tl.store(stats_ptr + pid, total)
+
+
+@triton.jit
+def _mahiro_kernel(out_ptr, xs, gs, gps, gss, stats_ptr, C, P, P2, bs, cs, s1, s2, ocs, o1, o2, inner, tiles_p,
+                   num_parts, c_blocks, BASE: tl.constexpr, TERMS: tl.constexpr, NT: tl.constexpr,
+                   COND: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_PARTS: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // tiles_p).to(tl.int64)
+    pmask, pin, pout = _positions(pid % tiles_p, P, P2, bs, s1, s2, o1, o2, b, BLOCK_P)
+    rows = tl.arange(0, BLOCK_PARTS)
+    sim = tl.sum(tl.load(stats_ptr + b * num_parts + rows, mask=rows < num_parts, other=0.0), axis=0) / P
+    k = 2.0 * (sim + 1.0)
+    s = _scale_at(gs[0], gps[0], gss[0], b, TERMS[0][2])
+    for cb in range(0, c_blocks):
+        mask, off, o = _channels(cb, C, cs, ocs, pin, pout, pmask, BLOCK_C)
+        acc = _linear(xs, off, mask, b, gs, gps, gss, BASE, TERMS, NT)
+        leap = _load(xs[COND] + off, mask) * s
+        tl.store(out_ptr + b * inner + o, ((k * acc + (4.0 - k) * leap) / 4.0).to(out_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def _channel_plan(a, wanted):
+    """Output, the used branches (slots) and their channel geometry."""
+    branches = split_branches(a.preds, a.num_branches)
+    slot = {k: i for i, k in enumerate(sorted(set(wanted)))}
+    out = _layout.output_like(branches[0])
+    xs, geo = _layout.channel_plan([branches[k] for k in slot], out)
+    return out, xs, slot, geo
+
+
+def _channel_blocks(channels: int) -> tuple[int, int]:
+    block_c = min(triton.next_power_of_2(channels), 16)
+    return block_c, max(16, 1024 // block_c)
+
+
+def guidance_combine_cfg_norm(a: CfgNormCombineArgs):
+    out, xs, slot, geo = _channel_plan(a, [a.base, *a.pos, *a.neg, a.ref])
+    if out.numel() == 0:
+        return out
+    channels, p1, p2, bs, cs, s1, s2, ocs, o1, o2 = geo
+    positions = p1 * p2
+    block_c, block_p = _channel_blocks(channels)
+    tiles_p = triton.cdiv(positions, block_p)
+    gs, gps, gss, flags = _scale_args(a.scales, a.scale_tensors, out)
+    terms = tuple((slot[p], slot[n], f) for p, n, f in zip(a.pos, a.neg, flags)) or ((0, 0, False),)
+    strength, st_ptr, st_stride, st_tensor = _phi_args(a.strength, a.strength_tensor, out)
+    with device_guard(out):
+        _cfg_norm_kernel[(out.shape[0] * tiles_p,)](
+            out, xs, gs, gps, gss, strength, st_ptr, st_stride, channels, positions, p2, bs, cs, s1, s2, ocs, o1, o2,
+            out[0].numel(), tiles_p, triton.cdiv(channels, block_c),
+            BASE=slot[a.base], TERMS=terms, NT=len(a.pos), REF=slot[a.ref], ST_TENSOR=st_tensor,
+            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=NUM_WARPS)
+    return out
+
+
+def guidance_combine_mahiro(a: MahiroCombineArgs):
+    out, xs, slot, geo = _channel_plan(a, [a.base, *a.pos, *a.neg])
+    if out.numel() == 0:
+        return out
+    channels, p1, p2, bs, cs, s1, s2, ocs, o1, o2 = geo
+    positions = p1 * p2
+    batch = out.shape[0]
+    block_c, block_p = _channel_blocks(channels)
+    tiles_p = triton.cdiv(positions, block_p)
+    parts, chunk = _layout.partitions(batch, positions, block_p, _layout.target_programs(out.device))
+    gs, gps, gss, flags = _scale_args(a.scales, a.scale_tensors, out)
+    terms = tuple((slot[p], slot[n], f) for p, n, f in zip(a.pos, a.neg, flags))
+    c_blocks = triton.cdiv(channels, block_c)
+    common = dict(BASE=slot[a.base], TERMS=terms, NT=len(a.pos), BLOCK_C=block_c, BLOCK_P=block_p,
+                  num_warps=NUM_WARPS)
+    with device_guard(out):
+        stats = torch.empty((batch, parts), dtype=torch.float32, device=out.device)
+        _mahiro_moments_kernel[(batch * parts,)](
+            stats, xs, gs, gps, gss, channels, positions, p2, bs, cs, s1, s2, chunk // block_p, parts, c_blocks,
+            COND=slot[a.pos[0]], UNCOND=slot[a.neg[0]], **common)
+        _mahiro_kernel[(batch * tiles_p,)](
+            out, xs, gs, gps, gss, stats, channels, positions, p2, bs, cs, s1, s2, ocs, o1, o2, out[0].numel(), tiles_p,
+            parts, c_blocks, COND=slot[a.pos[0]], BLOCK_PARTS=triton.next_power_of_2(parts), **common)
+    return out

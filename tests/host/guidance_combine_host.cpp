@@ -286,6 +286,98 @@ void run_projected(Reader& r) {
   if (fb != Fmt::None) buf.print("buffer");
 }
 
+// --------------------------------------------------------------------------- cfg-norm / mahiro
+
+template <Fmt F>
+void emulate_channel(gc::ChannelParams& p, int kind) {
+  if (kind == gc::kCfgNorm) {  // cfg_norm_kernel: one thread per position
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t pos = 0; pos < p.positions; ++pos) gc::cfg_norm_position<F>(p, b, pos);
+    return;
+  }
+  std::vector<float> stats(static_cast<size_t>(p.batch * p.parts), 0.0f);
+  p.stats = stats.data();
+  for (int64_t block = 0; block < p.batch * p.parts; ++block) {  // mahiro_moments_kernel
+    const int64_t b = block / p.parts, part = block - b * p.parts;
+    const int64_t lo = part * p.chunk, hi = lo + p.chunk < p.positions ? lo + p.chunk : p.positions;
+    float g[gc::kMaxTerms];
+    gc::channel_scales(p, b, g);
+    float per_thread[gc::kThreads];
+    for (int t = 0; t < gc::kThreads; ++t) {
+      per_thread[t] = 0.0f;
+      for (int64_t pos = lo + t; pos < hi; pos += gc::kThreads)
+        per_thread[t] = gk::add_rn(per_thread[t], gc::mahiro_cosine<F>(p, g, b, pos));
+    }
+    stats[block] = gc::block_sum_on_host(per_thread);
+  }
+  for (int64_t b = 0; b < p.batch; ++b) {  // mahiro_kernel
+    const float sim = gc::mahiro_similarity_on_host(p, b);
+    float g[gc::kMaxTerms];
+    gc::channel_scales(p, b, g);
+    for (int64_t pos = 0; pos < p.positions; ++pos) gc::mahiro_position<F>(p, g, b, pos, sim);
+  }
+  p.stats = nullptr;
+}
+
+void run_channel(Reader& r) {
+  r.expect("kind");
+  const int kind = static_cast<int>(r.i64());
+  r.expect("fmt");
+  const Fmt f = read_fmt(r);
+  r.expect("geometry");
+  gc::ChannelParams p{};
+  p.batch = r.i64();
+  p.channels = r.i64();
+  const int64_t p1 = r.i64();
+  p.p2 = r.i64();
+  p.bs = r.i64();
+  p.cs = r.i64();
+  p.s1 = r.i64();
+  p.s2 = r.i64();
+  p.ocs = r.i64();
+  p.o1 = r.i64();
+  p.o2 = r.i64();
+  p.positions = p1 * p.p2;
+  p.inner = p.positions * p.channels;
+  p.by_p2 = gk::make_divider(static_cast<uint64_t>(p.p2));
+  r.expect("plan");
+  p.parts = r.i64();
+  p.chunk = r.i64();
+  r.expect("slots");
+  p.nslots = static_cast<int32_t>(r.i64());
+  std::vector<Storage> slots(p.nslots);
+  for (int k = 0; k < p.nslots; ++k) {
+    slots[k].read(r, fmt_bytes(f));
+    p.x[k] = slots[k].data();
+  }
+  r.expect("base");
+  p.base = static_cast<int32_t>(r.i64());
+  r.expect("terms");
+  p.nterms = static_cast<int32_t>(r.i64());
+  std::vector<std::vector<float>> keep;
+  keep.reserve(32);
+  for (int t = 0; t < p.nterms; ++t) {
+    p.pos[t] = static_cast<int32_t>(r.i64());
+    p.neg[t] = static_cast<int32_t>(r.i64());
+    p.g[t] = read_scale(r, keep);
+  }
+  r.expect("ref");
+  p.ref = static_cast<int32_t>(r.i64());
+  r.expect("strength");
+  p.strength = read_scale(r, keep);
+  r.expect("end");
+  Storage out;
+  out.allocate(p.batch * p.inner, fmt_bytes(f));
+  p.out = out.data();
+  switch (f) {
+    case Fmt::F32: emulate_channel<Fmt::F32>(p, kind); break;
+    case Fmt::F16: emulate_channel<Fmt::F16>(p, kind); break;
+    case Fmt::BF16: emulate_channel<Fmt::BF16>(p, kind); break;
+    default: throw std::runtime_error("bad format");
+  }
+  out.print("out");
+}
+
 // --------------------------------------------------------------------------- building blocks
 
 void run_divide(Reader& r) {
@@ -396,6 +488,8 @@ int main() {
         run_combine(r);
       } else if (command == "projected") {
         run_projected(r);
+      } else if (command == "channel") {
+        run_channel(r);
       } else if (command == "divide") {
         run_divide(r);
       } else if (command == "offsets") {

@@ -23,7 +23,12 @@ using guidance_kernels::NoBuffer;
   GK_PROJECTED(gk::kTcfg, T, NoBuffer, VEC)        \
   GK_PROJECTED(gk::kMag, T, NoBuffer, VEC)
 
-#define GK_BOTH_PATHS(T) GK_ALL_FOR_TYPE(T, true) GK_ALL_FOR_TYPE(T, false)
+#define GK_CHANNEL(T)                                                      \
+  template __global__ void gk::cfg_norm_kernel<T>(const gk::ChannelParams);       \
+  template __global__ void gk::mahiro_moments_kernel<T>(const gk::ChannelParams); \
+  template __global__ void gk::mahiro_kernel<T>(const gk::ChannelParams);
+
+#define GK_BOTH_PATHS(T) GK_ALL_FOR_TYPE(T, true) GK_ALL_FOR_TYPE(T, false) GK_CHANNEL(T)
 
 GK_BOTH_PATHS(float)
 GK_BOTH_PATHS(__half)
@@ -34,5 +39,5 @@ GK_PROJECTED(gk::kApg, __half, __half, false)
 GK_PROJECTED(gk::kApg, __nv_bfloat16, __nv_bfloat16, true)
 GK_PROJECTED(gk::kApg, __nv_bfloat16, __nv_bfloat16, false)
 
-// 3 types x 2 paths x (2 combine + 5 x 2 projected) + 4 x 2 (16-bit buffers) = 80 kernels.
-constexpr int GK_EXPECTED_KERNELS = 80;
+// 3 types x (2 paths x (2 combine + 5 x 2 projected) + 3 channel-wise) + 4 x 2 (16-bit buffers) = 89 kernels.
+constexpr int GK_EXPECTED_KERNELS = 89;

@@ -743,6 +743,172 @@ GK_HD void projected_store(const ProjectedParams& p, const ProjectedCoef& k, con
   store_dense<F>(out, p.out, b * p.geo.inner + start, valid, vector);
 }
 
+// --------------------------------------------------------------------------- channel-wise: CFG-Norm, Mahiro
+
+// (B, C, *spatial) addressed as in guidance_kernels/_layout.py channel_geometry: element (b, c, p),
+// p = i1 * P2 + i2, is read at b bs + c cs + i1 s1 + i2 s2 and written at b inner + c ocs + i1 o1 +
+// i2 o2. One thread per spatial position walks the channels (sequentially: a fixed order).
+enum ChannelKind : int { kCfgNorm = 1, kMahiro = 2 };
+constexpr float kCfgNormEps = 1e-8f;  // ComfyUI CFGNorm: ||out|| + 1e-8
+constexpr float kCosineEps = 1e-8f;   // F.cosine_similarity
+
+struct ChannelParams {
+  void* out;
+  const void* x[kMaxBranches];  // the distinct branches used ("slots")
+  int32_t nslots, base, nterms, ref;  // ref: CFG-Norm's reference slot
+  int32_t pos[kMaxTerms], neg[kMaxTerms];  // slot indices; Mahiro's cond / uncond are pos[0] / neg[0]
+  Scale g[kMaxTerms];
+  Scale strength;  // CFG-Norm
+  int64_t batch, channels, positions, p2, inner;
+  int64_t bs, cs, s1, s2, ocs, o1, o2;
+  Divider by_p2;
+  float* stats;         // Mahiro: (B, parts) sums of the per-position cosine similarity
+  int64_t parts, chunk;  // Mahiro pass 1: positions [part * chunk, ...) per block (chunk % kThreads == 0)
+};
+
+template <Fmt F>
+GK_HD float load_scalar(const void* x, int64_t off) {
+  using S = typename FmtBits<F>::Storage;
+  return bits_to_float<F>(static_cast<const S*>(x)[off]);
+}
+
+template <Fmt F>
+GK_HD void store_scalar(void* x, int64_t off, float v) {
+  using S = typename FmtBits<F>::Storage;
+  static_cast<S*>(x)[off] = static_cast<S>(float_to_bits<F>(v));
+}
+
+// The value in slot i: a switch on a warp-uniform index keeps the slots in registers.
+GK_HD float pick_value(const float (&v)[kMaxBranches], int i) {
+  switch (i) {
+    case 1: return v[1];
+    case 2: return v[2];
+    case 3: return v[3];
+    case 4: return v[4];
+    case 5: return v[5];
+    case 6: return v[6];
+    case 7: return v[7];
+    default: return v[0];
+  }
+}
+
+// Input and output offsets of position p of sample b (channel 0).
+struct Position {
+  int64_t in, out;
+};
+
+GK_HD Position position_at(const ChannelParams& p, int64_t b, int64_t pos) {
+  const int64_t i1 = divide(p.by_p2, pos);
+  const int64_t i2 = pos - i1 * p.p2;
+  return Position{b * p.bs + i1 * p.s1 + i2 * p.s2, b * p.inner + i1 * p.o1 + i2 * p.o2};
+}
+
+// The slots at one element, and the combine D[base] + sum_t g_t (D[pos_t] - D[neg_t]) there
+// (rounded per operation like the reference).
+template <Fmt F>
+GK_HD float channel_value(const ChannelParams& p, const float (&g)[kMaxTerms], int64_t off, float (&v)[kMaxBranches]) {
+  GK_UNROLL
+  for (int k = 0; k < kMaxBranches; ++k) v[k] = k < p.nslots ? load_scalar<F>(p.x[k], off) : 0.0f;
+  float acc = pick_value(v, p.base);
+  GK_UNROLL
+  for (int t = 0; t < kMaxTerms; ++t) {
+    if (t < p.nterms) acc = add_rn(acc, mul_rn(g[t], sub_rn(pick_value(v, p.pos[t]), pick_value(v, p.neg[t]))));
+  }
+  return acc;
+}
+
+GK_HD void channel_scales(const ChannelParams& p, int64_t b, float (&g)[kMaxTerms]) {
+  GK_UNROLL
+  for (int t = 0; t < kMaxTerms; ++t) g[t] = t < p.nterms ? p.g[t].at(b) : 0.0f;
+}
+
+// CFG-Norm at one position: out = (acc * clamp(||ref|| / (||acc|| + 1e-8), 0, 1)) * strength.
+template <Fmt F>
+GK_HD void cfg_norm_position(const ChannelParams& p, int64_t b, int64_t pos) {
+  float g[kMaxTerms];
+  channel_scales(p, b, g);
+  const Position at = position_at(p, b, pos);
+  float v[kMaxBranches];
+  float n_out = 0.0f;
+  float n_ref = 0.0f;
+  for (int64_t c = 0; c < p.channels; ++c) {
+    const float acc = channel_value<F>(p, g, at.in + c * p.cs, v);
+    const float ref = pick_value(v, p.ref);
+    n_out = fma_rn(acc, acc, n_out);
+    n_ref = fma_rn(ref, ref, n_ref);
+  }
+  const float scale = min_nan(div_rn(sqrt_rn(n_ref), add_rn(sqrt_rn(n_out), kCfgNormEps)), 1.0f);
+  const float strength = p.strength.at(b);
+  for (int64_t c = 0; c < p.channels; ++c) {
+    const float acc = channel_value<F>(p, g, at.in + c * p.cs, v);
+    store_scalar<F>(p.out, at.out + c * p.ocs, mul_rn(mul_rn(acc, scale), strength));
+  }
+}
+
+GK_HD float signed_sqrt(float x) {
+  const float root = sqrt_rn(x < 0.0f ? -x : x);
+  return x < 0.0f ? -root : (x > 0.0f ? root : mul_rn(root, 0.0f));
+}
+
+// Mahiro pass 1 at one position: the channel cosine similarity of sqrt|s u| sign(s u) and
+// sqrt|merge| sign(merge), merge = (s c + acc) / 2, each norm clamped at 1e-8 (F.cosine_similarity).
+template <Fmt F>
+GK_HD float mahiro_cosine(const ChannelParams& p, const float (&g)[kMaxTerms], int64_t b, int64_t pos) {
+  const Position at = position_at(p, b, pos);
+  float v[kMaxBranches];
+  float dot = 0.0f, n_u = 0.0f, n_m = 0.0f;
+  for (int64_t c = 0; c < p.channels; ++c) {
+    const float acc = channel_value<F>(p, g, at.in + c * p.cs, v);
+    const float leap = mul_rn(pick_value(v, p.pos[0]), g[0]);
+    const float norm_u = signed_sqrt(mul_rn(pick_value(v, p.neg[0]), g[0]));
+    const float norm_m = signed_sqrt(div_rn(add_rn(leap, acc), 2.0f));
+    dot = fma_rn(norm_u, norm_m, dot);
+    n_u = fma_rn(norm_u, norm_u, n_u);
+    n_m = fma_rn(norm_m, norm_m, n_m);
+  }
+  return div_rn(dot, mul_rn(max_nan(sqrt_rn(n_u), kCosineEps), max_nan(sqrt_rn(n_m), kCosineEps)));
+}
+
+// Mahiro pass 2 at one position: k = 2 (sim + 1), out = (k acc + (4 - k) s c) / 4.
+template <Fmt F>
+GK_HD void mahiro_position(const ChannelParams& p, const float (&g)[kMaxTerms], int64_t b, int64_t pos, float sim) {
+  const Position at = position_at(p, b, pos);
+  const float k = mul_rn(2.0f, add_rn(sim, 1.0f));
+  const float rest = sub_rn(4.0f, k);
+  float v[kMaxBranches];
+  for (int64_t c = 0; c < p.channels; ++c) {
+    const float acc = channel_value<F>(p, g, at.in + c * p.cs, v);
+    const float leap = mul_rn(pick_value(v, p.pos[0]), g[0]);
+    store_scalar<F>(p.out, at.out + c * p.ocs, div_rn(add_rn(mul_rn(k, acc), mul_rn(rest, leap)), 4.0f));
+  }
+}
+
+// The per-sample similarity: sum of the sample's rows (thread t takes rows t, t + 256, ...; then
+// the block sum), divided by the number of positions.
+GK_HOST float block_sum_on_host(const float* per_thread) {
+  float warp[kWarps];
+  for (int w = 0; w < kWarps; ++w) {
+    float lane[32];
+    for (int l = 0; l < 32; ++l) lane[l] = per_thread[32 * w + l];
+    for (int d = 16; d > 0; d /= 2) {
+      for (int l = 0; l < d; ++l) lane[l] = add_rn(lane[l], lane[l + d]);
+    }
+    warp[w] = lane[0];
+  }
+  float total = warp[0];
+  for (int w = 1; w < kWarps; ++w) total = add_rn(total, warp[w]);
+  return total;
+}
+
+GK_HOST float mahiro_similarity_on_host(const ChannelParams& p, int64_t b) {
+  float per_thread[kThreads];
+  for (int t = 0; t < kThreads; ++t) {
+    per_thread[t] = 0.0f;
+    for (int64_t r = t; r < p.parts; r += kThreads) per_thread[t] = add_rn(per_thread[t], p.stats[b * p.parts + r]);
+  }
+  return div_rn(block_sum_on_host(per_thread), static_cast<float>(p.positions));
+}
+
 // --------------------------------------------------------------------------- work decomposition
 
 // Block `block` (blockIdx.x) of a launch over batch * parts blocks handles chunk `part` of sample b:
@@ -925,6 +1091,58 @@ __global__ void __launch_bounds__(kThreads) projected_kernel(const ProjectedPara
     if (start != first) projected_load<KIND, F, FB, VEC>(p, ch.b, start, valid, in);
     projected_store<KIND, F, FB>(p, k, in, ch.b, start, valid, VEC || p.out_vector);
   }
+}
+
+// Sum of v over the block, identical in every thread (warp tree, then warps left to right).
+// Called at most once per kernel (its shared buffer is not re-synchronised).
+GK_DEVICE float block_sum(float v) {
+  __shared__ float warp_total[kWarps];
+  GK_UNROLL
+  for (int d = 16; d > 0; d /= 2) v = add_rn(v, __shfl_down_sync(0xffffffffu, v, d));
+  if ((threadIdx.x & 31) == 0) warp_total[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float total = warp_total[0];
+  GK_UNROLL
+  for (int w = 1; w < kWarps; ++w) total = add_rn(total, warp_total[w]);
+  return total;
+}
+
+// CFG-Norm: one launch, block b * blocks_per_sample + j takes positions [256 j, 256 j + 256).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) cfg_norm_kernel(const ChannelParams p) {
+  const int64_t per_sample = (p.positions + kThreads - 1) / kThreads;
+  const int64_t b = blockIdx.x / per_sample;
+  const int64_t pos = (blockIdx.x - b * per_sample) * kThreads + threadIdx.x;
+  if (pos < p.positions) cfg_norm_position<Format<T>::kFmt>(p, b, pos);
+}
+
+// Mahiro pass 1: block (b, part) sums the cosine similarity over positions [part * chunk, ...).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) mahiro_moments_kernel(const ChannelParams p) {
+  const int64_t b = blockIdx.x / p.parts;
+  const int64_t part = blockIdx.x - b * p.parts;
+  const int64_t lo = part * p.chunk;
+  const int64_t hi = lo + p.chunk < p.positions ? lo + p.chunk : p.positions;
+  float g[kMaxTerms];
+  channel_scales(p, b, g);
+  float sum = 0.0f;
+  for (int64_t pos = lo + threadIdx.x; pos < hi; pos += kThreads) sum = add_rn(sum, mahiro_cosine<Format<T>::kFmt>(p, g, b, pos));
+  const float total = block_sum(sum);
+  if (threadIdx.x == 0) p.stats[blockIdx.x] = total;
+}
+
+// Mahiro pass 2: like cfg_norm_kernel's grid; every block merges its sample's rows first.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) mahiro_kernel(const ChannelParams p) {
+  const int64_t per_sample = (p.positions + kThreads - 1) / kThreads;
+  const int64_t b = blockIdx.x / per_sample;
+  const int64_t pos = (blockIdx.x - b * per_sample) * kThreads + threadIdx.x;
+  float rows = 0.0f;
+  for (int64_t r = threadIdx.x; r < p.parts; r += kThreads) rows = add_rn(rows, p.stats[b * p.parts + r]);
+  const float sim = div_rn(block_sum(rows), static_cast<float>(p.positions));
+  float g[kMaxTerms];
+  channel_scales(p, b, g);
+  if (pos < p.positions) mahiro_position<Format<T>::kFmt>(p, g, b, pos, sim);
 }
 
 #endif  // __CUDACC__
