@@ -8,6 +8,7 @@ from . import _library  # noqa: F401  (registers the torch.library ops)
 from ._version import __version__
 from .backends import BackendError, use_backend
 from .ops.attention_key_mass import attention_key_mass
+from .ops.fdg_combine import fdg_combine
 from .ops.gaussian_blur_2d import gaussian_blur_2d
 from .ops.guidance_combine import (apg_combine, apg_mix, apg_momentum_buffer, cfg_zero_star_combine, guidance_combine,
                                    mag_combine, tcfg_combine)
@@ -44,6 +45,7 @@ __all__ = [
     "tcfg_combine",
     "mag_combine",
     "apg_mix",
+    "fdg_combine",
     "gaussian_blur_2d",
     "guided_attention",
     "Guidance",

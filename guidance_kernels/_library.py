@@ -295,6 +295,50 @@ define("guidance_combine_cfg_norm", CfgNormCombineArgs, _combine_fake, stem="gui
 define("guidance_combine_mahiro", MahiroCombineArgs, _combine_fake, stem="guidance_combine")
 
 
+# --------------------------------------------------------------------------- fdg_combine
+
+
+class FdgCombineArgs(NamedTuple):
+    """Frequency-decoupled guidance on kornia's Laplacian pyramid. See guidance_kernels.fdg_combine."""
+
+    preds: list[Tensor]  # (…, H, W) branches: the pyramid is over the last two dims
+    num_branches: int
+    cond: int
+    uncond: int
+    scales: list[float]  # per level, highest frequency first (0.0 where scale_tensors holds it)
+    scale_tensors: list[Optional[Tensor]]
+    parallel_weights: list[float]  # per level; 1.0 = no projection
+    rescale: list[float]  # "data": one value; "freq": one per level
+    rescale_tensors: list[Optional[Tensor]]
+    rescale_space: str  # "data" or "freq"
+    original_formulation: bool
+
+    @property
+    def levels(self) -> int:
+        return len(self.scales)
+
+    @property
+    def level_rescale(self) -> list[tuple[float, Optional[Tensor]]]:
+        """Per level, the frequency-space φ as (number, tensor) — (0.0, None) when off."""
+        if self.rescale_space != "freq":
+            return [(0.0, None)] * self.levels
+        pairs = list(zip(self.rescale, self.rescale_tensors))
+        return pairs if len(pairs) == self.levels else pairs * self.levels
+
+    @property
+    def data_rescaling(self) -> bool:
+        return self.rescale_space == "data" and _spec.rescale_on(self.rescale[0], self.rescale_tensors[0])
+
+    @property
+    def needs_stats(self) -> list[bool]:
+        """Per level: its coefficients read statistics of (Lc, Ld) — a projection on cond or a
+        frequency-space rescale. When no level does, every a_i is 1 and the cond pyramid is skipped."""
+        return [w != 1.0 or _spec.rescale_on(*phi) for w, phi in zip(self.parallel_weights, self.level_rescale)]
+
+
+define("fdg_combine", FdgCombineArgs, _combine_fake)
+
+
 # --------------------------------------------------------------------------- attention_key_mass
 
 

@@ -186,3 +186,76 @@ def nearest_scale(in_size: int, out_size: int) -> float:
         return 0.5
     return fp32(in_size / out_size)
 
+
+
+# --------------------------------------------------------------------------- FDG: kornia's Laplacian pyramid
+
+FDG_MAX_LEVELS = 8
+FDG_RESCALE_SPACES = ("data", "freq")
+# kornia's pyramid kernel [1, 4, 6, 4, 1] ⊗ [1, 4, 6, 4, 1] / 256 (reflect border), per axis.
+PYR_BLUR = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
+# pyrdown = that blur, then bilinear halving (align_corners=False: the mean of pixels 2i and 2i+1):
+# per axis six taps on the reflected input at 2i − 2 … 2i + 3. Exact in float32.
+PYR_DOWN = (1 / 32, 5 / 32, 10 / 32, 10 / 32, 5 / 32, 1 / 32)
+
+
+def reflect_index(i: int, n: int) -> int:
+    """``F.pad(mode="reflect")``'s source index for position ``i`` of a padded axis of length ``n``
+    (``−1 → 1``, ``n → n − 2``; one reflection suffices for the pads used here)."""
+    if i < 0:
+        return -i
+    if i >= n:
+        return 2 * (n - 1) - i
+    return i
+
+
+def fdg_padded_size(height: int, width: int, levels: int) -> tuple[int, int]:
+    """The size kornia's ``build_laplacian_pyramid`` pads a latent to (reflect, right and bottom):
+    the next power of two per side when neither side is a power of two, or when ``levels > 1``
+    and a side is not divisible by ``2**(levels − 1)``; the input size otherwise."""
+    def pow2(x: int) -> bool:
+        return x > 0 and not x & (x - 1)
+
+    need = not (pow2(width) or pow2(height))
+    if levels > 1:
+        stride = 1 << (levels - 1)
+        need = need or height % stride != 0 or width % stride != 0
+    if not need:
+        return height, width
+    return 1 << (height - 1).bit_length(), 1 << (width - 1).bit_length()
+
+
+def fdg_level_sizes(height: int, width: int, levels: int) -> list[tuple[int, int]] | None:
+    """The (H, W) of every pyramid level (level 0 the padded latent), or None when kornia's pyramid
+    cannot be built: each level is halved exactly and the coarsest is at least 2×2 (its 2× upsample
+    must take kornia's 5×5 reflect blur), unless there is a single level."""
+    h, w = fdg_padded_size(height, width, levels)
+    if levels > 1:
+        stride = 1 << (levels - 1)
+        if h % stride or w % stride or h // stride < 2 or w // stride < 2:
+            return None
+    return [(h >> i, w >> i) for i in range(levels)]
+
+
+@lru_cache(maxsize=256)
+def pyrup_table(size: int) -> tuple[float, ...]:
+    """kornia's ``pyrup`` along one axis of a level of ``size`` pixels as a 5-tap stencil: output
+    pixel ``j`` of ``2·size`` is ``Σ_t table[5j + t] · x[clamp(j // 2 − 2 + t)]`` — bilinear 2×
+    upsampling (align_corners=False: source ``j/2 − 1/4`` clamped at 0 and at ``size − 1``), then the
+    5-tap blur with reflect padding on the upsampled axis. Weights are exact in float32 (sums of
+    multiples of 1/64); slots whose index falls outside ``[0, size)`` have weight 0."""
+    out: list[float] = []
+    for j in range(2 * size):
+        slots = [0.0] * 5
+        base = j // 2 - 2
+        for t, b in enumerate(PYR_BLUR):
+            m = reflect_index(j + t - 2, 2 * size)
+            src = max((m + 0.5) / 2 - 0.5, 0.0)
+            i0 = int(src)
+            lam = src - i0
+            i1 = min(i0 + 1, size - 1)
+            for index, weight in ((i0, 1.0 - lam), (i1, lam)):
+                if weight:
+                    slots[index - base] += b * weight
+        out.extend(slots)
+    return tuple(out)

@@ -15,8 +15,10 @@ from typing import Sequence
 import torch
 
 from ._spec import (  # noqa: F401  (re-exported: the oracle's own rules are the shared ones)
+    PYR_BLUR,
     SEG_INF_SIGMA,
     blur_taps,
+    fdg_padded_size,
     gaussian_kernel_1d,
     image_to_tokens,
     sag_map_grid as sag_map_grid_comfy,
@@ -200,6 +202,96 @@ def mahiro(denoised: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, sca
     sim = sim.reshape(sim.shape[0], -1).mean(dim=1).reshape(-1, *([1] * (denoised.dim() - 1)))
     simsc = 2 * (sim + 1)
     return (simsc * denoised + (4 - simsc) * leap) / 4
+
+
+# --------------------------------------------------------------------------- FDG (kornia's Laplacian pyramid)
+
+
+def _pyr_blur(img: torch.Tensor) -> torch.Tensor:
+    """kornia's ``filter2d`` with its pyramid kernel: reflect pad 2, one depthwise 5×5 convolution."""
+    kernel = torch.tensor(PYR_BLUR, dtype=img.dtype, device=img.device)
+    kernel = torch.outer(kernel, kernel)[None, None].expand(img.shape[1], 1, 5, 5)
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(img, [2, 2, 2, 2], mode="reflect"), kernel,
+                                      groups=img.shape[1])
+
+
+def pyrdown(img: torch.Tensor) -> torch.Tensor:
+    """kornia's ``pyrdown``: blur, then bilinear resize to ``floor(side / 2)`` (align_corners=False)."""
+    h, w = img.shape[-2:]
+    return torch.nn.functional.interpolate(_pyr_blur(img), size=(h // 2, w // 2), mode="bilinear",
+                                           align_corners=False)
+
+
+def pyrup(img: torch.Tensor) -> torch.Tensor:
+    """kornia's ``pyrup``: bilinear resize to twice the size (align_corners=False), then blur."""
+    h, w = img.shape[-2:]
+    return _pyr_blur(torch.nn.functional.interpolate(img, size=(2 * h, 2 * w), mode="bilinear", align_corners=False))
+
+
+def laplacian_pyramid(img: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    """kornia's ``build_laplacian_pyramid`` on ``(B, C, H, W)``, its power-of-two reflect padding included."""
+    h, w = img.shape[-2:]
+    ph, pw = fdg_padded_size(h, w, levels)
+    if (ph, pw) != (h, w):
+        img = torch.nn.functional.pad(img, (0, pw - w, 0, ph - h), mode="reflect")
+    gaussian = [img]
+    for _ in range(levels - 1):
+        gaussian.append(pyrdown(gaussian[-1]))
+    return [gaussian[i] - pyrup(gaussian[i + 1]) for i in range(levels - 1)] + [gaussian[-1]]
+
+
+def _project(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' FDG ``project`` with ``upcast_to_double=True``: parallel and orthogonal parts of v0."""
+    dims = list(range(1, v0.dim()))
+    dtype = v0.dtype
+    v0, v1 = v0.double(), v1.double()
+    v1 = torch.nn.functional.normalize(v1, dim=dims)
+    parallel = (v0 * v1).sum(dim=dims, keepdim=True) * v1
+    return parallel.to(dtype), (v0 - parallel).to(dtype)
+
+
+def fdg_combine(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, scales, *, parallel_weights=None, rescale=0.0,
+                rescale_space: str = "data", original_formulation: bool = False) -> torch.Tensor:
+    """diffusers' ``FrequencyDecoupledGuidance.forward`` (every level enabled) on ``(B, …, H, W)``
+    (the dims between batch and (H, W) flattened into kornia's channel dim), in the input dtype,
+    with two decided differences: the result is cropped to the input's (H, W) (the guider returns
+    kornia's padded size) and data-space rescale uses that crop. A level whose scale is exactly 1
+    (0 with the original formulation) keeps the cond level, as the guider's ``isclose`` test does;
+    a tensor scale decides per sample."""
+    levels = len(scales)
+    shape = pred_cond.shape
+    h, w = shape[-2:]
+    c4 = pred_cond.reshape(shape[0], -1, h, w)
+    u4 = pred_uncond.reshape(shape[0], -1, h, w)
+    weights = [1.0] * levels if parallel_weights is None else (
+        list(parallel_weights) if isinstance(parallel_weights, (list, tuple)) else [parallel_weights] * levels)
+    phis = list(rescale) if isinstance(rescale, (list, tuple)) else [rescale] * levels
+    cond_pyr, uncond_pyr = laplacian_pyramid(c4, levels), laplacian_pyramid(u4, levels)
+    guided = []
+    for level, (scale, weight, phi) in enumerate(zip(scales, weights, phis)):
+        cond_freq, uncond_freq = cond_pyr[level], uncond_pyr[level]
+        shift = cond_freq - uncond_freq
+        if weight != 1.0:
+            parallel, orthogonal = _project(shift, cond_freq)
+            shift = weight * parallel + orthogonal
+        pred = cond_freq if original_formulation else uncond_freq
+        s = _per_sample(scale, pred)
+        pred = pred + s * shift
+        if rescale_space == "freq" and (isinstance(phi, torch.Tensor) or phi > 0):
+            pred = rescale_noise_cfg(pred, cond_freq, phi)
+        off = 0.0 if original_formulation else 1.0
+        if isinstance(s, torch.Tensor):
+            guided.append(torch.where(s == off, cond_freq, pred))
+        else:
+            guided.append(cond_freq if s == off else pred)
+    img = guided[-1]
+    for i in range(levels - 2, -1, -1):
+        img = pyrup(img) + guided[i]
+    out = img[..., :h, :w].reshape(shape)
+    phi = phis[0]
+    if rescale_space == "data" and (isinstance(phi, torch.Tensor) or phi > 0):
+        out = rescale_noise_cfg(out, pred_cond, phi)
+    return out
 
 
 # --------------------------------------------------------------------------- Gaussian blur (SEG §5, SAG §6)
