@@ -201,6 +201,16 @@ def channel_plan(branches: list[torch.Tensor], out: torch.Tensor) -> tuple[tuple
     return xs, geo
 
 
+def image_view(t: torch.Tensor) -> torch.Tensor:
+    """``(B, …, H, W)`` as ``(B, C', H, W)`` (the middle dims as one channel dim, as fdg_combine's
+    kernels address it): a view when those dims merge, else a contiguous copy."""
+    shape = (t.shape[0], -1, *t.shape[-2:])
+    try:
+        return t.view(shape)
+    except RuntimeError:
+        return t.contiguous().view(shape)
+
+
 # --------------------------------------------------------------------------- branches and batch items
 
 
