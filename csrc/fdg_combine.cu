@@ -93,7 +93,8 @@ void fdg_combine_cuda(const at::Tensor& out, const at::Tensor& cond, const at::T
                       const std::vector<double>& weights, const std::vector<double>& phis,
                       const std::vector<std::optional<at::Tensor>>& phi_tensors, const std::vector<int64_t>& project,
                       const std::vector<int64_t>& rescale, bool original, const std::vector<int64_t>& parts,
-                      const std::vector<int64_t>& chunks) {
+                      const std::vector<int64_t>& chunks, double data_phi,
+                      const std::optional<at::Tensor>& data_phi_tensor, int64_t final_parts, int64_t final_chunk) {
   TORCH_CHECK(out.is_cuda() && out.dim() == 4, kFn, ": out must be a 4-D CUDA tensor");
   TORCH_CHECK(out.is_non_overlapping_and_dense(), kFn, ": out: must not overlap itself");
   check_extent("out", out, out);
@@ -160,6 +161,17 @@ void fdg_combine_cuda(const at::Tensor& out, const at::Tensor& cond, const at::T
     }
   }
   p.with_c = with_c;
+  p.data_rescale = data_phi_tensor.has_value() || data_phi > 0;
+  if (p.data_rescale) {
+    p.data_phi = read_scale("data_phi_tensor", data_phi, data_phi_tensor, out, batch);
+    const int64_t inner = channels * height * width;
+    TORCH_CHECK(final_chunk >= 1 && final_chunk % gc::kTile == 0 &&
+                final_parts == inner / final_chunk + (inner % final_chunk != 0 ? 1 : 0) &&
+                batch * final_parts <= std::numeric_limits<int32_t>::max(), kFn, ": final_parts ", final_parts,
+                " x final_chunk ", final_chunk, " must cover ", inner, " elements in multiples of ", gc::kTile);
+    p.final_parts = final_parts;
+    p.final_chunk = final_chunk;
+  }
 
   const c10::cuda::CUDAGuard guard(out.device());
   const auto f32 = out.options().dtype(at::kFloat);
@@ -188,8 +200,12 @@ void fdg_combine_cuda(const at::Tensor& out, const at::Tensor& cond, const at::T
     }
     lv.push_back(l);
   }
-  keep.push_back(at::empty({batch * levels * 2}, f32));
+  keep.push_back(at::empty({batch * levels * 3}, f32));
   p.coef = keep.back().data_ptr<float>();
+  if (p.data_rescale) {
+    keep.push_back(at::empty({batch * p.final_parts * gc::kRowFloats}, f32));
+    p.final_stats = keep.back().data_ptr<float>();
+  }
   const gf::Level none = make_level(0, 1, 1);
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out.get_device()).stream();
@@ -233,8 +249,14 @@ void fdg_combine_cuda(const at::Tensor& out, const at::Tensor& cond, const at::T
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
-    gf::final_kernel<T><<<blocks_for(batch * channels * height * width), gf::kThreads, 0, stream>>>(
-        p, levels > 1 ? lv[1] : none);
+    const gf::Level& first = levels > 1 ? lv[1] : none;
+    if (p.data_rescale) {
+      gf::final_moments_kernel<T><<<static_cast<unsigned>(batch * p.final_parts), gf::kThreads, 0, stream>>>(p, first);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    const int64_t per_sample = (channels * height * width + gf::kThreads - 1) / gf::kThreads;
+    TORCH_CHECK(batch * per_sample <= std::numeric_limits<int32_t>::max(), kFn, ": too many blocks");
+    gf::final_kernel<T><<<static_cast<unsigned>(batch * per_sample), gf::kThreads, 0, stream>>>(p, first);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -12,7 +12,8 @@ void register_fdg_combine(pybind11::module_& m) {
         "frequency-decoupled guidance on kornia's Laplacian pyramid (down, stats, coefficients, recon, final)",
         py::arg("out"), py::arg("cond"), py::arg("uncond"), py::arg("sizes"), py::arg("tables"), py::arg("scales"),
         py::arg("scale_tensors"), py::arg("weights"), py::arg("phis"), py::arg("phi_tensors"), py::arg("project"),
-        py::arg("rescale"), py::arg("original"), py::arg("parts"), py::arg("chunks"));
+        py::arg("rescale"), py::arg("original"), py::arg("parts"), py::arg("chunks"), py::arg("data_phi"),
+        py::arg("data_phi_tensor"), py::arg("final_parts"), py::arg("final_chunk"));
   m.attr("FDG_COMBINE_TILE") = fdg_combine_tile();
 }
 

@@ -2,8 +2,7 @@
 of ``csrc/include/guidance_kernels/fdg_combine.cuh`` on the CPU (g++, and nvcc's host pass) over
 the same launches and merge orders; the real glue (guidance_kernels/cuda/fdg_combine.py) plans the
 call exactly as on a GPU and an emulated extension answers it. Results are compared with the
-float64 truth (flash-attention rule); the data-space rescale goes through the combine family's
-emulated launcher."""
+float64 truth (flash-attention rule)."""
 
 from __future__ import annotations
 
@@ -43,7 +42,7 @@ class FdgFakeExtension(FakeExtension):
         self.fdg_calls = 0
 
     def fdg_combine(self, out, cond, uncond, sizes, tables, scales, scale_tensors, weights, phis, phi_tensors,
-                    project, rescale, original, parts, chunks):
+                    project, rescale, original, parts, chunks, data_phi, data_phi_tensor, final_parts, final_chunk):
         batch, channels, height, width = out.shape
         levels = len(scales)
         lines = [f"fdg fmt {FMT[out.dtype]} original {int(original)}", f"latent {batch} {channels} {height} {width}",
@@ -59,7 +58,8 @@ class FdgFakeExtension(FakeExtension):
                 line += f" tables {y.numel()} " + " ".join(v.hex() for v in y.tolist())
                 line += f" {x.numel()} " + " ".join(v.hex() for v in x.tolist())
             lines.append(line)
-        lines.append("end")
+        on = int(data_phi_tensor is not None or data_phi > 0)
+        lines += [f"data {on} {_scale_field(data_phi, data_phi_tensor, batch)} {final_parts} {final_chunk}", "end"]
         (reply,) = host_lane.run(self.fdg_exe, "\n".join(lines))
         storage(out, out.numel()).copy_(from_bits(reply.split()[2:], out.dtype))
         self.fdg_calls += 1

@@ -414,7 +414,7 @@ def test_compile_python_float_scales_recompile_at_most_once():
     assert counter.frame_count <= 2
 
 
-# --------------------------------------------------------------------------- decided rules (issue: robustness)
+# --------------------------------------------------------------------------- decided rules for bad and non-finite input
 
 
 def _constant_samples(device, dtype=torch.float32):

@@ -24,8 +24,8 @@ import torch
 
 from . import harness, report
 
-FAMILIES = ["guidance_combine", "gaussian_blur_2d", "guided_attention", "attention_key_mass", "sag_degrade",
-            "diffusers", "dit", "comfyui", "parallel"]
+FAMILIES = ["guidance_combine", "tcfg_combine", "mag_combine", "fdg_combine", "gaussian_blur_2d", "guided_attention",
+            "attention_key_mass", "sag_degrade", "diffusers", "dit", "comfyui", "parallel"]
 
 
 def family_module(family: str) -> ModuleType:

@@ -2,8 +2,8 @@
 sizes from ``_spec.fdg_level_sizes``, pyrup weights from ``_spec.pyrup_table`` as cached device
 constants, per-level statistics chunks from ``_layout.partitions``) handed to the launcher
 (``csrc/fdg_combine.cu``), which checks it against every tensor, allocates the small level
-buffers and enqueues the launches on the current stream. A data-space rescale then runs this
-backend's guidance_combine rescale on (out, cond)."""
+buffers and enqueues the launches on the current stream (a data-space rescale included: fp32
+moments of (cond, out), then the final pass rescales)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import torch
 
 from .. import _layout, _spec
 from .._layout import split_branches
-from .._library import FdgCombineArgs, GuidanceCombineArgs
+from .._library import FdgCombineArgs
 from ._common import ext
-from .guidance_combine import guidance_combine as _combine
 
 
 def fdg_combine(a: FdgCombineArgs):
@@ -41,13 +40,16 @@ def fdg_combine(a: FdgCombineArgs):
         parts.append(p)
         chunks.append(chunk)
     phis = a.level_rescale
+    data_phi, data_phi_tensor, final_parts, final_chunk = 0.0, None, 1, module.FDG_COMBINE_TILE
+    if a.data_rescaling:
+        data_phi, data_phi_tensor = float(a.rescale[0]), a.rescale_tensors[0]
+        final_parts, final_chunk = _layout.partitions(batch, channels * height * width, module.FDG_COMBINE_TILE,
+                                                      _layout.target_programs(out.device))
     module.fdg_combine(o4, c4, u4, [n for size in sizes for n in size], tables, [float(s) for s in a.scales],
                        list(a.scale_tensors), [float(w) for w in a.parallel_weights], [float(p) for p, _ in phis],
                        [t for _, t in phis], [int(w != 1.0) for w in a.parallel_weights],
-                       [int(_spec.rescale_on(*phi)) for phi in phis], a.original_formulation, parts, chunks)
+                       [int(_spec.rescale_on(*phi)) for phi in phis], a.original_formulation, parts, chunks,
+                       data_phi, data_phi_tensor, final_parts, final_chunk)
     if target is not out:
         out.copy_(target)
-    if a.data_rescaling:
-        return _combine(GuidanceCombineArgs([out, branches[a.cond]], 2, 0, [], [], [], [], a.rescale[0],
-                                            a.rescale_tensors[0], 1))
     return out

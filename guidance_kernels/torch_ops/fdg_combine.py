@@ -59,7 +59,7 @@ def fdg_combine(a: FdgCombineArgs):
     g_d = _pyramid(d, levels)
     g_c = _pyramid(c, levels) if any(stats) else None
     dims = [1, 2, 3]
-    coef_a, coef_b = [], []
+    coef_a, coef_b, guided = [], [], []
     for i in range(levels):
         s = per_sample(a.scales[i], a.scale_tensors[i], 4, dtype)
         coef_b_i = s if a.original_formulation else s - 1.0
@@ -73,8 +73,8 @@ def fdg_combine(a: FdgCombineArgs):
                 coef_a_i = 1.0 + s * (a.parallel_weights[i] - 1.0) * k
             if _spec.rescale_on(*a.level_rescale[i]):
                 phi = per_sample(*a.level_rescale[i], 4, dtype)
-                guided = coef_a_i * lc + coef_b_i * ld
-                ratio = lc.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+                level = coef_a_i * lc + coef_b_i * ld
+                ratio = lc.std(dim=dims, keepdim=True) / level.std(dim=dims, keepdim=True)
                 rho = phi * ratio + (1.0 - phi)
                 coef_a_i, coef_b_i = coef_a_i * rho, coef_b_i * rho
         off = 0.0 if a.original_formulation else 1.0
@@ -82,17 +82,28 @@ def fdg_combine(a: FdgCombineArgs):
             keep = s == off
             coef_a_i = torch.where(keep, torch.ones_like(s), torch.as_tensor(coef_a_i, dtype=dtype, device=s.device))
             coef_b_i = torch.where(keep, torch.zeros_like(s), coef_b_i)
-        elif s == off:
-            coef_a_i, coef_b_i = 1.0, 0.0
+            guided_i = ~keep
+        else:
+            guided_i = s != off
+            if s == off:
+                coef_a_i, coef_b_i = 1.0, 0.0
         coef_a.append(coef_a_i)
         coef_b.append(coef_b_i)
+        guided.append(guided_i)
+
+    def d_term(coefficient, reads, value):
+        # uncond enters a level only where the anchor reads it (that level or the finer one guided)
+        if not isinstance(reads, torch.Tensor):
+            return coefficient * value if reads else torch.zeros((), dtype=dtype, device=value.device)
+        return torch.where(reads, coefficient * value, torch.zeros((), dtype=dtype, device=value.device))
+
     rebuilt = None
     for i in range(levels - 1, 0, -1):
-        term = (coef_b[i] - coef_b[i - 1]) * g_d[i]
+        term = d_term(coef_b[i] - coef_b[i - 1], guided[i] | guided[i - 1], g_d[i])
         if g_c is not None:
             term = term + (coef_a[i] - coef_a[i - 1]) * g_c[i]
         rebuilt = term if rebuilt is None else term + _up(rebuilt)
-    out = coef_a[0] * c + coef_b[0] * d
+    out = coef_a[0] * c + d_term(coef_b[0], guided[0], d)
     if rebuilt is not None:
         out = out + _up(rebuilt)
     out = out[..., :h, :w].reshape(shape)

@@ -11,12 +11,16 @@ Launches, B samples of C' = prod(dims 1..−3) channels, L levels, no host sync:
    rescale): per (sample, chunk) rows of the count, means and centred co-moments of
    (Lc_i, Ld_i) and the raw sums ⟨Lc, Lc⟩, ⟨Ld, Lc⟩, with ``L_i = G_i − pyrup(G_{i+1})`` evaluated
    on the fly (pyrup as a 5×5 stencil from ``_spec.pyrup_table``).
-3. ``_coef_kernel`` (one program per sample): every level's guided value ``a_i·Lc_i + b_i·Ld_i``.
+3. ``_coef_kernel`` (one program per sample): every level's guided value ``a_i·Lc_i + b_i·Ld_i``
+   and whether it is guided (a kept level, scale exactly 1 — 0 for the original formulation —
+   is cond's and never reads uncond: the d terms at level i are taken only where level i or
+   i − 1 is guided, as the anchor reads uncond).
 4. ``_recon_kernel`` for i = L−1 … 1 when L ≥ 3: ``R_i = (a_i − a_{i−1}) G_i(c) + (b_i − b_{i−1})
    G_i(d) + pyrup(R_{i+1})``.
 5. ``_final_kernel`` over the (H, W) crop: ``a_0·c + b_0·d + pyrup(R_1)`` (L = 2: R_1 from G_1
-   directly), written in the output's layout. A data-space rescale then runs the combine
-   family's rescale (guidance_combine with no terms) on (out, cond).
+   directly), written in the output's layout. A data-space rescale adds ``_final_moments_kernel``
+   before it (rows of the moments of (cond, out), out in fp32) and the final pass, which
+   recomputes out, applies diffusers' rescale: out is never rounded to a 16-bit dtype first.
 """
 
 from __future__ import annotations
@@ -27,10 +31,9 @@ import triton.language as tl
 
 from .. import _layout, _spec
 from .._layout import split_branches
-from .._library import FdgCombineArgs, GuidanceCombineArgs
+from .._library import FdgCombineArgs
 from ._common import device_guard
-from .guidance_combine import _centred, _max_nan, _scale_at
-from .guidance_combine import guidance_combine as _combine
+from .guidance_combine import _centred, _max_nan, _rescaled, _scale_at
 
 BLOCK = 256
 NUM_WARPS = 4
@@ -69,7 +72,8 @@ def _level0(ptr, plane, y, x, mask, channels, bs, cs, ys, xs, H, W):
 @triton.jit
 def _up(src, plane, y, x, mask, hs, ws, tab_y, tab_x):
     """pyrup of the (hs, ws) fp32 level ``src`` at (y, x) of the doubled grid: 5×5 taps with the
-    per-axis weights of ``_spec.pyrup_table``."""
+    per-axis weights of ``_spec.pyrup_table``. Zero-weight taps are skipped, not multiplied: a
+    non-finite pixel outside kornia's footprint must not turn into NaN (0·inf)."""
     base = src + plane * (hs * ws)
     acc = tl.zeros(y.shape, dtype=tl.float32)
     for ty in tl.static_range(5):
@@ -79,8 +83,9 @@ def _up(src, plane, y, x, mask, hs, ws, tab_y, tab_x):
         for tx in tl.static_range(5):
             wx = tl.load(tab_x + x * 5 + tx, mask=mask, other=0.0)
             sx = tl.minimum(tl.maximum(x // 2 - 2 + tx, 0), ws - 1)
-            row += wx * tl.load(base + sy * ws + sx, mask=mask, other=0.0)
-        acc += wy * row
+            tap = tl.load(base + sy * ws + sx, mask=mask & (wx != 0.0) & (wy != 0.0), other=0.0)
+            row += tl.where(wx != 0.0, wx * tap, 0.0)
+        acc += tl.where(wy != 0.0, wy * row, 0.0)
     return acc
 
 
@@ -220,7 +225,7 @@ def _level_moments(row_ptr, num_parts, BLOCK_P: tl.constexpr):
 def _coef_kernel(coef_ptr, gs, gps, gss, weights, phis, pps, pss, stats, parts,
                  LEVELS: tl.constexpr, S_TENSOR: tl.constexpr, PHI_TENSOR: tl.constexpr, PROJECT: tl.constexpr,
                  RESCALE: tl.constexpr, ORIGINAL: tl.constexpr, BLOCK_P: tl.constexpr):
-    """coef[b, i] = (a_i, b_i): level i's guided value a_i·Lc_i + b_i·Ld_i."""
+    """coef[b, i] = (a_i, b_i, guided): level i's value a_i·Lc_i + b_i·Ld_i."""
     b = tl.program_id(0).to(tl.int64)
     for i in tl.static_range(LEVELS):
         s = _scale_at(gs[i], gps[i], gss[i], b, S_TENSOR[i])
@@ -245,15 +250,16 @@ def _coef_kernel(coef_ptr, gs, gps, gss, weights, phis, pps, pss, stats, parts,
                 coef_a = coef_a * rho
                 coef_b = coef_b * rho
         keep = s == off  # diffusers' isclose(scale, 1 or 0): the level stays cond's
-        tl.store(coef_ptr + (b * LEVELS + i) * 2, tl.where(keep, 1.0, coef_a))
-        tl.store(coef_ptr + (b * LEVELS + i) * 2 + 1, tl.where(keep, 0.0, coef_b))
+        tl.store(coef_ptr + (b * LEVELS + i) * 3, tl.where(keep, 1.0, coef_a))
+        tl.store(coef_ptr + (b * LEVELS + i) * 3 + 1, tl.where(keep, 0.0, coef_b))
+        tl.store(coef_ptr + (b * LEVELS + i) * 3 + 2, tl.where(keep, 0.0, 1.0))
 
 
 @triton.jit
-def _coef_pair(coef_ptr, plane, channels, levels, i):
-    """(a_i, b_i) of each element's sample."""
-    at = ((plane // channels) * levels + i) * 2
-    return tl.load(coef_ptr + at), tl.load(coef_ptr + at + 1)
+def _coef(coef_ptr, plane, channels, levels, i):
+    """(a_i, b_i, active_i) of each element's sample (active 0: the level keeps cond's)."""
+    at = ((plane // channels) * levels + i) * 3
+    return tl.load(coef_ptr + at), tl.load(coef_ptr + at + 1), tl.load(coef_ptr + at + 2)
 
 
 @triton.jit
@@ -263,9 +269,10 @@ def _recon_kernel(dst, g_c, g_d, nxt, coef_ptr, total, h, w, hn, wn, tab_y, tab_
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     plane, y, x = _coords(idx, h, w)
-    a_i, b_i = _coef_pair(coef_ptr, plane, channels, levels, level)
-    a_p, b_p = _coef_pair(coef_ptr, plane, channels, levels, level - 1)
-    value = (b_i - b_p) * tl.load(g_d + idx, mask=mask, other=0.0)
+    a_i, b_i, on_i = _coef(coef_ptr, plane, channels, levels, level)
+    a_p, b_p, on_p = _coef(coef_ptr, plane, channels, levels, level - 1)
+    # uncond enters G_i(d) only where the anchor reads it: level i or i − 1 guided
+    value = tl.where(on_i + on_p > 0.0, (b_i - b_p) * tl.load(g_d + idx, mask=mask, other=0.0), 0.0)
     if WITH_C:
         value += (a_i - a_p) * tl.load(g_c + idx, mask=mask, other=0.0)
     if HAS_UP:
@@ -274,28 +281,97 @@ def _recon_kernel(dst, g_c, g_d, nxt, coef_ptr, total, h, w, hn, wn, tab_y, tab_
 
 
 @triton.jit
-def _final_kernel(out_ptr, c_ptr, u_ptr, g_c, g_d, coef_ptr, total, hn, wn, tab_y, tab_x, channels, levels,
-                  cbs, ccs, cys, cxs, ubs, ucs, uys, uxs, obs, ocs, oys, oxs, H, W,
-                  MODE: tl.constexpr, WITH_C: tl.constexpr, BLOCK: tl.constexpr):
-    """out = a_0·c + b_0·d + pyrup(R_1) over the (H, W) crop. MODE 0: one level; 1: two levels
-    (R_1 from G_1(d) and G_1(c)); 2: three or more (R_1 in g_d)."""
-    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < total
+def _final_value(c_ptr, u_ptr, g_c, g_d, coef_ptr, idx, mask, hn, wn, tab_y, tab_x, channels, levels,
+                 cbs, ccs, cys, cxs, ubs, ucs, uys, uxs, H, W, MODE: tl.constexpr, WITH_C: tl.constexpr):
+    """(plane, y, x, cond, out) at flat indices idx of the (B, C', H, W) crop: out = a_0·c + b_0·d +
+    pyrup(R_1). MODE 0: one level; 1: two levels (R_1 from G_1(d) and G_1(c)); 2: more (R_1 in g_d)."""
     plane, y, x = _coords(idx, H, W)
     bb = plane // channels
     ch = plane % channels
     c = tl.load(c_ptr + bb * cbs + ch * ccs + y * cys + x * cxs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + bb * ubs + ch * ucs + y * uys + x * uxs, mask=mask, other=0.0).to(tl.float32)
-    a0, b0 = _coef_pair(coef_ptr, plane, channels, levels, 0)
-    out = a0 * c + b0 * (c - u)
+    a0, b0, on0 = _coef(coef_ptr, plane, channels, levels, 0)
+    out = a0 * c + tl.where(on0 > 0.0, b0 * (c - u), 0.0)
     if MODE == 1:
-        a1, b1 = _coef_pair(coef_ptr, plane, channels, levels, 1)
-        out += (b1 - b0) * _up(g_d, plane, y, x, mask, hn, wn, tab_y, tab_x)
+        a1, b1, on1 = _coef(coef_ptr, plane, channels, levels, 1)
+        out += tl.where(on0 + on1 > 0.0, (b1 - b0) * _up(g_d, plane, y, x, mask, hn, wn, tab_y, tab_x), 0.0)
         if WITH_C:
             out += (a1 - a0) * _up(g_c, plane, y, x, mask, hn, wn, tab_y, tab_x)
     elif MODE == 2:
         out += _up(g_d, plane, y, x, mask, hn, wn, tab_y, tab_x)
-    tl.store(out_ptr + bb * obs + ch * ocs + y * oys + x * oxs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    return plane, y, x, c, out
+
+
+@triton.jit
+def _final_moments_kernel(stats_ptr, c_ptr, u_ptr, g_c, g_d, coef_ptr, inner, chunk_tiles, num_parts, hn, wn,
+                          tab_y, tab_x, channels, levels, cbs, ccs, cys, cxs, ubs, ucs, uys, uxs, H, W,
+                          MODE: tl.constexpr, WITH_C: tl.constexpr, BLOCK: tl.constexpr):
+    """Data-space rescale, pass 1: rows of the moments of (cond, out) over each sample's crop, out in
+    fp32 (never rounded to the output dtype before the rescale)."""
+    pid = tl.program_id(0)
+    b = (pid // num_parts).to(tl.int64)
+    part = pid % num_parts
+    lo = part.to(tl.int64) * (chunk_tiles * BLOCK)
+    hi = tl.minimum(lo + chunk_tiles * BLOCK, inner)
+    count = 0.0
+    mean_c = 0.0
+    mean_o = 0.0
+    m_cc = 0.0
+    m_oo = 0.0
+    m_co = 0.0
+    for tile in range(0, chunk_tiles):
+        local = lo + tile * BLOCK + tl.arange(0, BLOCK)
+        mask = local < hi
+        _p, _y, _x, c, out = _final_value(c_ptr, u_ptr, g_c, g_d, coef_ptr, b * inner + local, mask, hn, wn, tab_y,
+                                          tab_x, channels, levels, cbs, ccs, cys, cxs, ubs, ucs, uys, uxs, H, W,
+                                          MODE, WITH_C)
+        c = tl.where(mask, c, 0.0)
+        out = tl.where(mask, out, 0.0)
+        n_t = tl.sum(mask.to(tl.float32), axis=0)
+        t_c, e_c = _centred(c, mask, n_t, BLOCK)
+        t_o, e_o = _centred(out, mask, n_t, BLOCK)
+        total = count + n_t
+        weight = n_t / tl.maximum(total, 1.0)
+        cross = count * weight
+        dc = t_c - mean_c
+        do = t_o - mean_o
+        m_cc += tl.sum(e_c * e_c, axis=0) + dc * dc * cross
+        m_oo += tl.sum(e_o * e_o, axis=0) + do * do * cross
+        m_co += tl.sum(e_c * e_o, axis=0) + dc * do * cross
+        mean_c += dc * weight
+        mean_o += do * weight
+        count = total
+    row = stats_ptr + pid * NROW
+    tl.store(row + 0, count)
+    tl.store(row + 1, mean_c)
+    tl.store(row + 2, mean_o)
+    tl.store(row + 3, m_cc)
+    tl.store(row + 4, m_oo)
+    tl.store(row + 5, m_co)
+    tl.store(row + 6, 0.0)
+    tl.store(row + 7, 0.0)
+
+
+@triton.jit
+def _final_kernel(out_ptr, c_ptr, u_ptr, g_c, g_d, coef_ptr, stats_ptr, phi, phi_ptr, phi_stride, inner, tiles,
+                  num_parts, hn, wn, tab_y, tab_x, channels, levels, cbs, ccs, cys, cxs, ubs, ucs, uys, uxs,
+                  obs, ocs, oys, oxs, H, W, MODE: tl.constexpr, WITH_C: tl.constexpr, RESCALE: tl.constexpr,
+                  PHI_TENSOR: tl.constexpr, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The output over the (H, W) crop, BLOCK elements of one sample per program; with RESCALE
+    (data space) diffusers' rescale_noise_cfg against cond from the rows of _final_moments_kernel."""
+    pid = tl.program_id(0)
+    b = (pid // tiles).to(tl.int64)
+    local = (pid % tiles).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = local < inner
+    plane, y, x, _c, out = _final_value(c_ptr, u_ptr, g_c, g_d, coef_ptr, b * inner + local, mask, hn, wn, tab_y,
+                                        tab_x, channels, levels, cbs, ccs, cys, cxs, ubs, ucs, uys, uxs, H, W,
+                                        MODE, WITH_C)
+    if RESCALE:
+        n, m_cc, m_oo, _m_co, _s_cc, _s_cd = _level_moments(stats_ptr + b * num_parts * NROW, num_parts, BLOCK_P)
+        phi = _scale_at(phi, phi_ptr, phi_stride, b, PHI_TENSOR)
+        out = _rescaled(out, m_cc / (n - 1.0), m_oo / (n - 1.0), phi)
+    ch = plane % channels
+    tl.store(out_ptr + b * obs + ch * ocs + y * oys + x * oxs, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -357,7 +433,7 @@ def fdg_combine(a: FdgCombineArgs):
                 LEVEL0=i == 0, LAST=last, BLOCK=BLOCK, num_warps=NUM_WARPS)
             stats.append(rows)
             parts.append(p)
-        coef = torch.empty((batch, levels, 2), dtype=torch.float32, device=device)
+        coef = torch.empty((batch, levels, 3), dtype=torch.float32, device=device)
         phis = [phi for phi in a.level_rescale]
         _coef_kernel[(batch,)](
             coef, tuple(float(s) for s in a.scales), tuple(t if t is not None else dummy for t in a.scale_tensors),
@@ -385,16 +461,24 @@ def fdg_combine(a: FdgCombineArgs):
         else:
             first_c, first_d = (g_c[1], g_d[1]) if levels == 2 else (dummy, dummy)
         hn, wn = sizes[1] if levels > 1 else (1, 1)
-        total = o4.numel()
-        _final_kernel[(triton.cdiv(total, BLOCK),)](
-            o4, c4, u4, first_c, first_d, coef, total, hn, wn,
-            _table(hn, device) if levels > 1 else dummy, _table(wn, device) if levels > 1 else dummy,
-            channels, levels, *c4.stride(), *u4.stride(), *o4.stride(), height, width,
-            MODE=min(levels - 1, 2), WITH_C=with_c, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        tables = (_table(hn, device), _table(wn, device)) if levels > 1 else (dummy, dummy)
+        inner = channels * height * width
+        common = (c4, u4, first_c, first_d, coef)
+        geometry = (hn, wn, *tables, channels, levels, *c4.stride(), *u4.stride())
+        flags = dict(MODE=min(levels - 1, 2), WITH_C=with_c, BLOCK=BLOCK, num_warps=NUM_WARPS)
+        rows, parts = dummy, 1
+        rescale = a.data_rescaling
+        if rescale:
+            parts, chunk = _layout.partitions(batch, inner, BLOCK, _layout.target_programs(device))
+            rows = torch.empty((batch, parts, 8), dtype=torch.float32, device=device)
+            _final_moments_kernel[(batch * parts,)](rows, *common, inner, chunk // BLOCK, parts, *geometry, height,
+                                                    width, **flags)
+        phi, phi_t = a.rescale[0], a.rescale_tensors[0]
+        tiles = triton.cdiv(inner, BLOCK)
+        _final_kernel[(batch * tiles,)](
+            o4, *common, rows, float(phi), phi_t if phi_t is not None else dummy,
+            0 if phi_t is None or phi_t.numel() == 1 else 1, inner, tiles, parts, *geometry, *o4.stride(), height,
+            width, RESCALE=rescale, PHI_TENSOR=phi_t is not None, BLOCK_P=triton.next_power_of_2(parts), **flags)
     if target is not out:
         out.copy_(target)
-    if a.data_rescaling:
-        rescale = GuidanceCombineArgs([out, branches[a.cond]], 2, 0, [], [], [], [], a.rescale[0],
-                                      a.rescale_tensors[0], 1)
-        return _combine(rescale)
     return out

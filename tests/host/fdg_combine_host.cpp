@@ -106,8 +106,33 @@ void emulate(gf::Params& p, std::vector<gf::Level>& lv, const std::vector<int64_
       }
     }
   }
-  for (int64_t idx = 0; idx < planes * p.height * p.width; ++idx) {  // final_kernel
-    gf::final_at<F>(p, p.levels > 1 ? lv[1] : none, idx);
+  const gf::Level& first = p.levels > 1 ? lv[1] : none;
+  const int64_t inner = p.channels * p.height * p.width;
+  if (p.data_rescale) {  // final_moments_kernel
+    for (uint32_t block = 0; block < static_cast<uint64_t>(p.batch * p.final_parts); ++block) {
+      const gc::BlockChunk ch = gc::block_chunk(block, p.final_parts, p.final_chunk, inner);
+      std::vector<gc::CombineMoments> threads(gc::kThreads);
+      for (uint32_t t = 0; t < gc::kThreads; ++t) {
+        gc::CombineMoments m = gc::empty_moments<gc::CombineMoments>();
+        for (int64_t start = gc::first_group(ch, t); start < ch.hi; start += gc::kTile) {
+          m = gc::merge(m, gf::final_group_moments<F>(p, first, ch.b, start, gc::group_size(start, ch.hi)));
+        }
+        threads[t] = m;
+      }
+      gc::store_row(p.final_stats + (ch.b * p.final_parts + ch.part) * gc::kRowFloats,
+                    gc::block_total_on_host(threads.data()));
+    }
+  }
+  for (int64_t b = 0; b < p.batch; ++b) {  // final_kernel
+    gc::Rescale rs{1.0f, 0.0f, 1.0f};
+    if (p.data_rescale) {
+      rs = gf::final_rescale(p, b, gc::sample_moments_on_host<gc::CombineMoments>(p.final_stats, b, p.final_parts));
+    }
+    for (int64_t local = 0; local < inner; ++local) {
+      float c;
+      const float out = gf::final_value<F>(p, first, b, local, &c);
+      gc::store_scalar<F>(p.out, gf::final_offset(p, b, local), p.data_rescale ? gc::rescaled(out, rs) : out);
+    }
   }
 }
 
@@ -171,6 +196,11 @@ void run_fdg(Reader& r) {
       }
     }
   }
+  r.expect("data");
+  p.data_rescale = static_cast<int32_t>(r.i64());
+  p.data_phi = read_scale(r, keep);
+  p.final_parts = r.i64();
+  p.final_chunk = r.i64();
   r.expect("end");
   std::vector<std::vector<float>> buffers;
   buffers.reserve(64);
@@ -187,7 +217,8 @@ void run_fdg(Reader& r) {
     }
     if (p.project[i] || p.rescale[i]) p.stats[i] = buffer(p.batch * parts[i] * gc::kRowFloats);
   }
-  p.coef = buffer(p.batch * p.levels * 2);
+  p.coef = buffer(p.batch * p.levels * 3);
+  if (p.data_rescale) p.final_stats = buffer(p.batch * p.final_parts * gc::kRowFloats);
   Storage out;
   out.allocate(out_count, fmt_bytes(f));
   p.out = out.data();

@@ -16,7 +16,8 @@ namespace gf = guidance_kernels::fdg;
                                                             float*, int64_t, int64_t);                       \
   template __global__ void gf::stats_kernel<T, false, false>(const gf::Params, const gf::Level,               \
                                                              const gf::Level, float*, int64_t, int64_t);     \
-  template __global__ void gf::final_kernel<T>(const gf::Params, const gf::Level);
+  template __global__ void gf::final_kernel<T>(const gf::Params, const gf::Level);                          \
+  template __global__ void gf::final_moments_kernel<T>(const gf::Params, const gf::Level);
 
 GK_FDG_TYPE(float)
 GK_FDG_TYPE(__half)
@@ -25,5 +26,5 @@ template __global__ void gf::coef_kernel<gf::kMaxLevels>(const gf::Params);
 template __global__ void gf::recon_kernel<true>(const gf::Params, const gf::Level, const gf::Level);
 template __global__ void gf::recon_kernel<false>(const gf::Params, const gf::Level, const gf::Level);
 
-// 3 types x (2 down + 4 stats + 1 final) + 1 coef + 2 recon = 24 kernels.
-constexpr int GK_EXPECTED_KERNELS = 24;
+// 3 types x (2 down + 4 stats + 2 final) + 1 coef + 2 recon = 27 kernels.
+constexpr int GK_EXPECTED_KERNELS = 27;

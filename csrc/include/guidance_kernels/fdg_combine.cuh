@@ -9,9 +9,13 @@
 //   stats_kernel (levels that need statistics)  rows of count, means, centred co-moments and raw
 //                                   sums of (Lc_i, Ld_i), L_i = G_i - pyrup(G_{i+1}) on the fly; the
 //                                   combine family's Moments, groups of 8, block merge and rows
-//   coef_kernel (one block per sample)  (a_i, b_i): level i's guided value a_i Lc_i + b_i Ld_i
+//   coef_kernel (one block per sample)  (a_i, b_i, guided): level i's value a_i Lc_i + b_i Ld_i (a
+//                                   kept level never reads uncond: the d terms of level i are taken
+//                                   only where level i or i - 1 is guided, as the anchor reads it)
 //   recon_kernel (i = L-1 .. 1, L >= 3)  R_i = (a_i - a_{i-1}) G_i(c) + (b_i - b_{i-1}) G_i(d) + pyrup(R_{i+1})
-//   final_kernel                     out = a_0 c + b_0 d + pyrup(R_1) over the (H, W) crop
+//   final_kernel                     out = a_0 c + b_0 d + pyrup(R_1) over the (H, W) crop; with a
+//                                   data-space rescale, final_moments_kernel first gives rows of the
+//                                   moments of (cond, out) (out in fp32) and final_kernel rescales
 //
 // pyrup is a 5x5 stencil whose per-axis weights come from guidance_kernels/_spec.py pyrup_table
 // (exact in fp32); pyrdown's per-axis taps are [1, 5, 10, 10, 5, 1] / 32 (exact). One thread per
@@ -20,6 +24,13 @@
 #pragma once
 
 #include "guidance_combine.cuh"
+
+// pyrup's rows one at a time: unrolling all 25 taps keeps them all in flight, past 128 registers.
+#if defined(__CUDACC__)
+#define GK_FDG_ROLLED _Pragma("unroll 1")
+#else
+#define GK_FDG_ROLLED
+#endif
 
 namespace guidance_kernels {
 namespace fdg {
@@ -72,7 +83,12 @@ struct Params {
   int32_t project[kMaxLevels], rescale[kMaxLevels];
   float* stats[kMaxLevels];  // (B, parts_i, gc::kRowFloats) rows of the levels that need them
   int64_t parts[kMaxLevels];
-  float* coef;  // (B, L, 2): (a_i, b_i)
+  float* coef;  // (B, L, 3): (a_i, b_i, 1 if guided else 0)
+  // Data-space rescale: rows of the moments of (cond, out) over each sample's crop (fp32 out).
+  int32_t data_rescale;
+  Scale data_phi;
+  float* final_stats;
+  int64_t final_parts, final_chunk;
 };
 
 GK_HD int64_t reflect(int64_t i, int64_t n) {
@@ -103,20 +119,23 @@ GK_HD float level0(const Params& p, const Image& im, int64_t plane, int64_t y, i
   return gc::load_scalar<F>(im.ptr, b * im.bs + ch * im.cs + y * im.ys + x * im.xs);
 }
 
-// pyrup of `src` (an fp32 buffer of `from`'s size) at (y, x) of the doubled grid.
+// pyrup of `src` (an fp32 buffer of `from`'s size) at (y, x) of the doubled grid. Zero-weight taps
+// are skipped, not multiplied: a non-finite pixel outside kornia's footprint must not become NaN.
 GK_HD float up_at(const Level& from, const float* src, int64_t plane, int64_t y, int64_t x) {
   const float* base = src + plane * from.h * from.w;
   float acc = 0.0f;
-  GK_UNROLL
+  GK_FDG_ROLLED
   for (int ty = 0; ty < 5; ++ty) {
+    const float wy = from.tab_y[y * 5 + ty];
     const int64_t sy = clamp_index(y / 2 - 2 + ty, from.h);
     float row = 0.0f;
     GK_UNROLL
     for (int tx = 0; tx < 5; ++tx) {
-      const int64_t sx = clamp_index(x / 2 - 2 + tx, from.w);
-      row = add_rn(row, mul_rn(from.tab_x[x * 5 + tx], base[sy * from.w + sx]));
+      const float wx = from.tab_x[x * 5 + tx];
+      const float tap = base[sy * from.w + clamp_index(x / 2 - 2 + tx, from.w)];  // always in bounds
+      row = add_rn(row, wx != 0.0f ? mul_rn(wx, tap) : 0.0f);
     }
-    acc = add_rn(acc, mul_rn(from.tab_y[y * 5 + ty], row));
+    acc = add_rn(acc, wy != 0.0f ? mul_rn(wy, row) : 0.0f);
   }
   return acc;
 }
@@ -208,38 +227,69 @@ GK_HD void level_coefficients(const Params& p, int i, int64_t b, const LevelMome
     bc = mul_rn(bc, rho);
   }
   const bool keep = s == (p.original ? 0.0f : 1.0f);  // diffusers' isclose: the level stays cond's
-  coef[2 * i] = keep ? 1.0f : a;
-  coef[2 * i + 1] = keep ? 0.0f : bc;
+  coef[3 * i] = keep ? 1.0f : a;
+  coef[3 * i + 1] = keep ? 0.0f : bc;
+  coef[3 * i + 2] = keep ? 0.0f : 1.0f;
 }
 
 // R of `lvl` at its flat index idx; `next` holds R of the coarser level (when HAS_UP).
 template <bool HAS_UP>
 GK_HD float recon_at(const Params& p, const Level& lvl, const Level& next, int64_t idx) {
   const Pixel px = pixel_at(lvl.by_h, lvl.by_w, lvl.h, lvl.w, idx);
-  const float* k = p.coef + (px.plane / p.channels) * p.levels * 2 + 2 * lvl.index;
-  float v = mul_rn(sub_rn(k[1], k[-1]), lvl.g_d[idx]);
-  if (p.with_c) v = add_rn(v, mul_rn(sub_rn(k[0], k[-2]), lvl.g_c[idx]));
+  const float* k = p.coef + (px.plane / p.channels) * p.levels * 3 + 3 * lvl.index;
+  // uncond enters G_i(d) only where the anchor reads it: level i or i - 1 guided
+  float v = (k[2] + k[-1] > 0.0f) ? mul_rn(sub_rn(k[1], k[-2]), lvl.g_d[idx]) : 0.0f;
+  if (p.with_c) v = add_rn(v, mul_rn(sub_rn(k[0], k[-3]), lvl.g_c[idx]));
   if constexpr (HAS_UP) v = add_rn(v, up_at(next, next.r, px.plane, px.y, px.x));
   return v;
 }
 
-// The output at flat index idx over the (B, C', H, W) crop; `first` is level 1 (two or more levels).
+// The output of sample b at `local` (an index of its (C', H, W) crop), in fp32; `first` is level 1
+// (two or more levels). *cond receives the cond value there (the rescale's reference).
 template <Fmt F>
-GK_HD void final_at(const Params& p, const Level& first, int64_t idx) {
-  const Pixel px = pixel_at(p.by_height, p.by_width, p.height, p.width, idx);
-  const int64_t b = px.plane / p.channels;
+GK_HD float final_value(const Params& p, const Level& first, int64_t b, int64_t local, float* cond) {
+  const Pixel px = pixel_at(p.by_height, p.by_width, p.height, p.width, b * p.channels * p.height * p.width + local);
   const int64_t ch = px.plane - b * p.channels;
   const float c = gc::load_scalar<F>(p.c.ptr, b * p.c.bs + ch * p.c.cs + px.y * p.c.ys + px.x * p.c.xs);
   const float u = gc::load_scalar<F>(p.u.ptr, b * p.u.bs + ch * p.u.cs + px.y * p.u.ys + px.x * p.u.xs);
-  const float* k = p.coef + b * p.levels * 2;
-  float out = add_rn(mul_rn(k[0], c), mul_rn(k[1], sub_rn(c, u)));
+  const float* k = p.coef + b * p.levels * 3;
+  float out = add_rn(mul_rn(k[0], c), k[2] > 0.0f ? mul_rn(k[1], sub_rn(c, u)) : 0.0f);
   if (p.levels == 2) {
-    out = add_rn(out, mul_rn(sub_rn(k[3], k[1]), up_at(first, first.g_d, px.plane, px.y, px.x)));
-    if (p.with_c) out = add_rn(out, mul_rn(sub_rn(k[2], k[0]), up_at(first, first.g_c, px.plane, px.y, px.x)));
+    const float up_d = up_at(first, first.g_d, px.plane, px.y, px.x);
+    out = add_rn(out, k[2] + k[5] > 0.0f ? mul_rn(sub_rn(k[4], k[1]), up_d) : 0.0f);
+    if (p.with_c) out = add_rn(out, mul_rn(sub_rn(k[3], k[0]), up_at(first, first.g_c, px.plane, px.y, px.x)));
   } else if (p.levels > 2) {
     out = add_rn(out, up_at(first, first.r, px.plane, px.y, px.x));
   }
-  gc::store_scalar<F>(p.out, b * p.obs + ch * p.ocs + px.y * p.oys + px.x * p.oxs, out);
+  *cond = c;
+  return out;
+}
+
+// The output's element offset of sample b's `local`.
+GK_HD int64_t final_offset(const Params& p, int64_t b, int64_t local) {
+  const Pixel px = pixel_at(p.by_height, p.by_width, p.height, p.width, b * p.channels * p.height * p.width + local);
+  return b * p.obs + (px.plane - b * p.channels) * p.ocs + px.y * p.oys + px.x * p.oxs;
+}
+
+// Data-space rescale, pass 1: moments of (cond, out) over the group of 8 at `start` of sample b.
+template <Fmt F>
+GK_HD gc::CombineMoments final_group_moments(const Params& p, const Level& first, int64_t b, int64_t start,
+                                             int valid) {
+  float f[2][kGroup];
+  GK_UNROLL
+  for (int e = 0; e < kGroup; ++e) {
+    float c = 0.0f, out = 0.0f;
+    if (e < valid) out = final_value<F>(p, first, b, start + e, &c);
+    f[0][e] = c;
+    f[1][e] = out;
+  }
+  return gc::group_moments<gc::CombineMoments>(f, valid);
+}
+
+// The rescale of sample b from its merged rows (diffusers' rescale_noise_cfg against cond).
+GK_HD gc::Rescale final_rescale(const Params& p, int64_t b, const gc::CombineMoments& m) {
+  const float phi = p.data_phi.at(b);
+  return gc::make_rescale(m.n, m.m[0], m.m[1], phi, sub_rn(1.0f, phi));
 }
 
 // The per-level merge of coef_kernel on the CPU, for the host emulation.
@@ -247,7 +297,7 @@ GK_HOST void coefficients_on_host(const Params& p, int64_t b) {
   for (int i = 0; i < p.levels; ++i) {
     LevelMoments m = gc::empty_moments<LevelMoments>();
     if (p.project[i] || p.rescale[i]) m = gc::sample_moments_on_host<LevelMoments>(p.stats[i], b, p.parts[i]);
-    level_coefficients(p, i, b, m, p.coef + b * p.levels * 2);
+    level_coefficients(p, i, b, m, p.coef + b * p.levels * 3);
   }
 }
 
@@ -292,7 +342,7 @@ __global__ void __launch_bounds__(kThreads) coef_kernel(const Params p) {
         m = gc::sample_moments<LevelMoments>(p.stats[i], b, p.parts[i]);
         __syncthreads();  // block_total's shared buffer is written again by the next level
       }
-      if (threadIdx.x == 0) level_coefficients(p, i, b, m, p.coef + b * p.levels * 2);
+      if (threadIdx.x == 0) level_coefficients(p, i, b, m, p.coef + b * p.levels * 3);
     }
   }
 }
@@ -303,10 +353,34 @@ __global__ void __launch_bounds__(kThreads) recon_kernel(const Params p, const L
   if (idx < p.batch * p.channels * lvl.h * lvl.w) lvl.r[idx] = recon_at<HAS_UP>(p, lvl, next, idx);
 }
 
+// Data-space rescale, pass 1: block (b, part) of the crop, the combine family's decomposition.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) final_moments_kernel(const Params p, const Level first) {
+  const gc::BlockChunk ch = gc::block_chunk(blockIdx.x, p.final_parts, p.final_chunk, p.channels * p.height * p.width);
+  gc::CombineMoments m = gc::empty_moments<gc::CombineMoments>();
+  for (int64_t start = gc::first_group(ch, threadIdx.x); start < ch.hi; start += gc::kTile) {
+    m = gc::merge(m, final_group_moments<Format<T>::kFmt>(p, first, ch.b, start, gc::group_size(start, ch.hi)));
+  }
+  const gc::CombineMoments total = gc::block_total(m);
+  if (threadIdx.x == 0) gc::store_row(p.final_stats + (ch.b * p.final_parts + ch.part) * gc::kRowFloats, total);
+}
+
+// The output: block (b, j) takes elements [256 j, 256 j + 256) of sample b's crop; with a
+// data-space rescale it first merges the sample's rows (every block of a sample in the same order).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) final_kernel(const Params p, const Level first) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (idx < p.batch * p.channels * p.height * p.width) final_at<Format<T>::kFmt>(p, first, idx);
+  const int64_t inner = p.channels * p.height * p.width;
+  const int64_t per_sample = (inner + kThreads - 1) / kThreads;
+  const int64_t b = blockIdx.x / per_sample;
+  const int64_t local = (blockIdx.x - b * per_sample) * kThreads + threadIdx.x;
+  gc::Rescale rs{1.0f, 0.0f, 1.0f};
+  if (p.data_rescale) {
+    rs = final_rescale(p, b, gc::sample_moments<gc::CombineMoments>(p.final_stats, b, p.final_parts));
+  }
+  if (local >= inner) return;
+  float c;
+  const float out = final_value<Format<T>::kFmt>(p, first, b, local, &c);
+  gc::store_scalar<Format<T>::kFmt>(p.out, final_offset(p, b, local), p.data_rescale ? gc::rescaled(out, rs) : out);
 }
 
 #endif  // __CUDACC__
