@@ -27,6 +27,10 @@ PRIORITIES = {
                                             "no Triton launcher on the host path (issue 12 §1)"),
     "apg_combine": Status("predicted", "cuda before triton, as guidance_combine"),
     "cfg_zero_star_combine": Status("predicted", "cuda before triton, as guidance_combine"),
+    "tcfg_combine": Status("predicted", "cuda before triton, as guidance_combine"),
+    "mag_combine": Status("predicted", "cuda before triton, as guidance_combine"),
+    "fdg_combine": Status("predicted", "cuda before triton: the same launches (pyramid, statistics, rebuild); "
+                                        "the CUDA glue plans them with no Triton launcher on the host path"),
     "sag_degrade": Status("predicted", "cuda before triton, as guidance_combine"),
     "gaussian_blur_2d": Status("predicted", "triton before torch: one separable pass instead of the reference's "
                                             "k×k convolution"),
