@@ -282,6 +282,36 @@ def test_guided_denoiser_apg_and_cfg_zero_star():
     torch.testing.assert_close(zero, R.cfg_zero_star_combine(c, u, 5.0), **TIGHT)
 
 
+def test_guided_denoiser_guidance_family_combines():
+    """combine= selects TCFG, MAG, FDG, CFG-Norm and Mahiro, fused and reference alike, against the
+    reference formulas on the model's own two branches."""
+    unet = unet_sd()
+    sample, cond, uncond, _ = unet_inputs(batch=1)
+    t = torch.tensor(300)
+    noise = unet(torch.cat([sample] * 2), t, encoder_hidden_states=torch.cat([uncond, cond])).sample
+    u, c = noise.chunk(2)
+    common = dict(encoder_hidden_states=cond, negative_encoder_hidden_states=uncond)
+    expected = {
+        ("tcfg", 5.0, ()): R.tcfg_combine(c, u, 5.0),
+        ("mag", 5.0, (("alpha", 2.0),)): R.mag_combine(c, u, 5.0, alpha=2.0),
+        ("fdg", (10.0, 5.0), (("parallel_weights", 0.5),)): R.fdg_combine(c, u, [10.0, 5.0], parallel_weights=0.5),
+        ("cfg_norm", 5.0, (("strength", 0.8),)): R.cfg_norm(u + 5.0 * (c - u), c, 0.8),
+        ("mahiro", 5.0, ()): R.mahiro(u + 5.0 * (c - u), c, u, 5.0),
+    }
+    for reference in (False, True):
+        with gkd.GuidedDenoiser(unet, reference=reference) as den:
+            for (combine, scale, options), want in expected.items():
+                got = den(sample, t, combine=combine, guidance_scale=list(scale) if combine == "fdg" else scale,
+                          **dict(options), **common)
+                torch.testing.assert_close(got, want, **TIGHT, msg=f"{combine} reference={reference}")
+            with pytest.raises(TypeError, match="guidance_scale: combine='fdg' takes a non-empty list"):
+                den(sample, t, combine="fdg", guidance_scale=5.0, **common)
+            with pytest.raises(ValueError, match="guidance_rescale: combine='mahiro' is an alternative"):
+                den(sample, t, combine="mahiro", guidance_scale=5.0, guidance_rescale=0.5, **common)
+            with pytest.raises(TypeError, match="combine='cfg_norm' takes \\['strength'\\], got \\['alpha'\\]"):
+                den(sample, t, combine="cfg_norm", guidance_scale=5.0, alpha=1.0, **common)
+
+
 def test_guided_denoiser_bad_arguments():
     unet = unet_sd()
     with pytest.raises(ValueError, match="seg_sigma: must be > 0"):

@@ -60,7 +60,8 @@ from .tokens import BLURS
 
 SAG_LAYER = "mid_block.attentions.0.transformer_blocks.0.attn1"  # diffusers' SAG pipeline's capture layer
 FN = "GuidedDenoiser"
-COMBINES = ("cfg", "apg", "cfg_zero_star")
+COMBINES = ("cfg", "apg", "cfg_zero_star", "tcfg", "mag", "fdg", "cfg_norm", "mahiro")
+_TWO_BRANCH = ("apg", "cfg_zero_star", "tcfg", "mag", "fdg")  # CFG alone: (cond, uncond, scale, rescale, **options)
 _PROCESSORS = {"unet": GuidedAttnProcessor, "sd3": GuidedJointAttnProcessor, "flux": GuidedFluxAttnProcessor,
                "wan": GuidedWanAttnProcessor, "ltx": GuidedLTXAttnProcessor,
                "hunyuan_video": GuidedHunyuanVideoAttnProcessor}
@@ -80,6 +81,29 @@ def _scale_on(arg: str, value, batch: int, device, *, cfg: bool = False) -> bool
     if isinstance(value, torch.Tensor):
         return True
     return float(value) > 1.0 if cfg else float(value) != 0.0
+
+
+def _level_scales_on(value, batch: int, device) -> bool:
+    """combine="fdg": ``guidance_scale`` is FDG's per-level list; True (the uncond branch runs)."""
+    if isinstance(value, torch.Tensor) or not isinstance(value, (list, tuple)) or not value:
+        raise TypeError(f"{FN}: guidance_scale: combine='fdg' takes a non-empty list of per-level scales "
+                        f"(e.g. [10.0, 5.0]), got {type(value).__name__}")
+    for i, level in enumerate(value):
+        _checks.scale(FN, f"guidance_scale[{i}]", level, batch, device)
+    return True
+
+
+def _post_cfg_check(combine: str, options: dict, cfg: bool, rescale) -> None:
+    """combine="cfg_norm" / "mahiro": CFG on, no guidance_rescale, only CFGNorm's ``strength``."""
+    allowed = {"strength"} if combine == "cfg_norm" else set()
+    if set(options) - allowed:
+        raise TypeError(f"{FN}: combine={combine!r} takes {sorted(allowed) or 'no options'}, got "
+                        f"{sorted(set(options) - allowed)}")
+    if not cfg:
+        raise ValueError(f"{FN}: combine={combine!r} corrects CFG: guidance_scale must turn CFG on")
+    if isinstance(rescale, torch.Tensor) or rescale:
+        raise ValueError(f"{FN}: guidance_rescale: combine={combine!r} is an alternative post-CFG correction: "
+                         "use one")
 
 
 def _tensor_arg(arg: str, value, batch: int, *, like=None, like_name: str = ""):
@@ -315,8 +339,13 @@ class GuidedDenoiser:
         every branch, the others passed as they are. ``token_grid``: the image-token grid
         ``(H, W)`` / ``(T, H, W)`` where the model takes packed tokens (Flux; default: read once
         from ``img_ids``, a host read).
-        ``combine``: ``"cfg"`` (diffusers' CFG + PAG/SEG/SLG/SAG terms and rescale), ``"apg"`` or
-        ``"cfg_zero_star"`` (CFG only; ``combine_kwargs`` go to apg_combine / cfg_zero_star_combine).
+        ``combine``: ``"cfg"`` (diffusers' CFG + PAG/SEG/SLG/SAG terms and rescale); ``"cfg_norm"``
+        / ``"mahiro"``: that combine followed by ComfyUI's CFGNorm (``combine_kwargs``:
+        ``strength``, default 1) or Mahiro instead of ``guidance_rescale``, on the model's
+        prediction as it is (ComfyUI applies them to x0); CFG alone, ``combine_kwargs`` passed to
+        the op of that name: ``"apg"``, ``"cfg_zero_star"``, ``"tcfg"``, ``"mag"`` (e.g. ``alpha``)
+        and ``"fdg"`` (``guidance_scale`` is then the list of per-level scales, diffusers'
+        ``guidance_scales``, e.g. ``[10.0, 5.0]``).
         Returns the guided prediction in ``sample``'s layout and the model's output dtype. Runs
         under ``torch.no_grad()`` (as diffusers pipelines do): the guidance ops are inference ops.
         """
@@ -324,7 +353,10 @@ class GuidedDenoiser:
         _choice("combine", combine, COMBINES)
         check_sample(FN, family, sample)
         b, device = sample.shape[0], sample.device
-        cfg = _scale_on("guidance_scale", guidance_scale, b, device, cfg=True)
+        if combine == "fdg":
+            cfg = _level_scales_on(guidance_scale, b, device)
+        else:
+            cfg = _scale_on("guidance_scale", guidance_scale, b, device, cfg=True)
         on = {k: _scale_on(f"{k}_scale", s, b, device) for k, s in (("pag", pag_scale), ("seg", seg_scale),
                                                                      ("slg", slg_scale), ("sag", sag_scale))}
         _checks.scale(FN, "pag_adaptive_scale", pag_adaptive_scale, b, device)
@@ -339,8 +371,10 @@ class GuidedDenoiser:
             pag_scale = gk.adaptive_pag_scale(pag_scale, pag_adaptive_scale, timestep)
         kinds = (["uncond"] if cfg else []) + ["cond"] + [k for k in ("pag", "seg", "slg") if on[k]]
         sag = self.sag and on["sag"]
-        if combine != "cfg" and (not cfg or len(kinds) > 2 or sag):
+        if combine in _TWO_BRANCH and (not cfg or len(kinds) > 2 or sag):
             raise ValueError(f"{FN}: combine={combine!r} needs CFG alone (no PAG/SEG/SLG/SAG branches)")
+        if combine in ("cfg_norm", "mahiro"):
+            _post_cfg_check(combine, combine_kwargs, cfg, guidance_rescale)
         plan = self._plan(kinds, b)
         self._set_grids(sample, model_kwargs, token_grid, encoder_hidden_states, seg=on["seg"])
         sag_base = ("uncond" if cfg else "cond") if sag else None
@@ -475,8 +509,8 @@ class GuidedDenoiser:
                  rescale):
         c = index["cond"]
         ops = self.ops
-        if combine != "cfg":
-            fn = ops.apg_combine if combine == "apg" else ops.cfg_zero_star_combine
+        if combine in _TWO_BRANCH:
+            fn = getattr(ops, f"{combine}_combine")
             return fn(branches[c], branches[index["uncond"]], guidance_scale, rescale, **combine_kwargs)
         spec = gk.cfg(guidance_scale, uncond=index["uncond"], cond=c) if cfg else gk.Guidance(c)
         for kind, scale in (("pag", pag), ("seg", seg), ("slg", slg)):
@@ -484,7 +518,9 @@ class GuidedDenoiser:
                 spec = spec + gk.pag(scale, cond=c, perturbed=index[kind])
         if sag:
             spec = spec + gk.sag(sag_scale, uncond=index["uncond"] if cfg else c, degraded=len(branches) - 1)
-        return ops.guidance_combine(branches, spec, rescale, c)
+        if combine == "cfg_norm":
+            return ops.guidance_combine(branches, spec, rescale, c, cfg_norm=combine_kwargs.get("strength", 1.0))
+        return ops.guidance_combine(branches, spec, rescale, c, mahiro=combine == "mahiro")
 
     # ------------------------------------------------------------------ SAG
 

@@ -11,9 +11,14 @@ member                     fused (``import guidance_kernels``)               ref
 ``attention_key_mass``     flash-style, mass of the wanted rows only         explicit (B·heads, N, N) map
 ``blur_tokens``            separable blur kernel over an (H, W) token grid   conv2d with SEG-SDXL's k×k kernel
 ``sag_degrade``            one kernel                                        diffusers' ``sag_masking`` steps
-``guidance_combine``       fused combine (+ rescale)                         eager ``u + s(c − u) + …``
+``guidance_combine``       fused combine (+ rescale, CFG-Norm or Mahiro)     eager ``u + s(c − u) + …``, ComfyUI's
+                                                                             CFGNorm / Mahiro formulas
 ``apg_combine``            fused                                             diffusers' ``normalized_guidance``
 ``cfg_zero_star_combine``  fused                                             diffusers' guider formula
+``tcfg_combine``           fused, closed form of the 2×2 Gram matrix         diffusers' guider (an SVD per sample)
+``mag_combine``            fused                                             diffusers' ``mambo_guidance``
+                                                                             (Frobenius norms)
+``fdg_combine``            fused pyramid passes                              diffusers' guider on kornia's pyramid
 =========================  ================================================  ==================================
 
 Shapes: attention tensors are ``(B, heads, N, d)`` views (any strides); tokens ``(B, N, C)`` with
@@ -38,9 +43,12 @@ class Ops:
     attention_key_mass: Callable  # (q, k, v, heads, items) on (B, N, heads·d) -> (out, mass (len(items), N))
     blur_tokens: Callable  # (x (B, N, C), sigma, grid (H, W)) -> blurred x
     sag_degrade: Callable  # sag_degrade's signature
-    guidance_combine: Callable  # (branches, guidance, rescale, rescale_ref) -> (B, …)
+    guidance_combine: Callable  # (branches, guidance, rescale, rescale_ref, cfg_norm=None, mahiro=False) -> (B, …)
     apg_combine: Callable  # (cond, uncond, scale, rescale, **options) -> (B, …)
     cfg_zero_star_combine: Callable  # (cond, uncond, scale, rescale, **options) -> (B, …)
+    tcfg_combine: Callable  # (cond, uncond, scale, rescale, **options) -> (B, …)
+    mag_combine: Callable  # (cond, uncond, scale, rescale, **options) -> (B, …)
+    fdg_combine: Callable  # (cond, uncond, per-level scales, rescale, **options) -> (B, …)
 
 
 def _fused_attention(q, k, v, modes, sigma, grid, text_tokens, text_position):
@@ -56,8 +64,9 @@ def _fused_blur(x, sigma, grid):
     return gk.gaussian_blur_2d(x, sigma, grid=grid, layout="bnc")
 
 
-def _fused_combine(branches, guidance, rescale, rescale_ref):
-    return gk.guidance_combine(branches, guidance, rescale=rescale, rescale_ref=rescale_ref)
+def _fused_combine(branches, guidance, rescale, rescale_ref, cfg_norm=None, mahiro=False):
+    return gk.guidance_combine(branches, guidance, rescale=rescale, rescale_ref=rescale_ref, cfg_norm=cfg_norm,
+                               mahiro=mahiro)
 
 
 def _fused_apg(cond, uncond, scale, rescale, **options):
@@ -68,8 +77,15 @@ def _fused_zero_star(cond, uncond, scale, rescale, **options):
     return gk.cfg_zero_star_combine([uncond, cond], scale, rescale=rescale, **options)
 
 
+def _fused_two_branch(fn):
+    def combine(cond, uncond, scale, rescale, **options):
+        return fn([uncond, cond], scale, rescale=rescale, **options)
+    return combine
+
+
 FUSED = Ops("fused", _fused_attention, _fused_key_mass, _fused_blur, gk.sag_degrade, _fused_combine, _fused_apg,
-            _fused_zero_star)
+            _fused_zero_star, _fused_two_branch(gk.tcfg_combine), _fused_two_branch(gk.mag_combine),
+            _fused_two_branch(gk.fdg_combine))
 
 
 def _reference_attention(q, k, v, modes, sigma, grid, text_tokens, text_position):
@@ -86,8 +102,14 @@ def _reference_blur(x, sigma, grid):
     return ref.blur_tokens(x, sigma, grid, "bnc")
 
 
-def _reference_combine(branches, guidance, rescale, rescale_ref):
-    return ref.guidance_combine(branches, guidance, rescale=rescale, rescale_ref=rescale_ref)
+def _reference_combine(branches, guidance, rescale, rescale_ref, cfg_norm=None, mahiro=False):
+    out = ref.guidance_combine(branches, guidance, rescale=rescale, rescale_ref=rescale_ref)
+    if cfg_norm is not None:
+        return ref.cfg_norm(out, branches[rescale_ref], cfg_norm)
+    if mahiro:
+        cfg = guidance.terms[0]
+        return ref.mahiro(out, branches[cfg.pos], branches[cfg.neg], cfg.scale)
+    return out
 
 
 def _reference_apg(cond, uncond, scale, rescale, **options):
@@ -98,5 +120,12 @@ def _reference_zero_star(cond, uncond, scale, rescale, **options):
     return ref.cfg_zero_star_combine(cond, uncond, scale, rescale=rescale, **options)
 
 
+def _reference_two_branch(fn):
+    def combine(cond, uncond, scale, rescale, **options):
+        return fn(cond, uncond, scale, rescale=rescale, **options)
+    return combine
+
+
 REFERENCE = Ops("reference", _reference_attention, _reference_key_mass, _reference_blur, ref.sag_degrade,
-                _reference_combine, _reference_apg, _reference_zero_star)
+                _reference_combine, _reference_apg, _reference_zero_star, _reference_two_branch(ref.tcfg_combine),
+                _reference_two_branch(ref.mag_combine), _reference_two_branch(ref.fdg_combine))
