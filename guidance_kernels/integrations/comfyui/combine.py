@@ -5,9 +5,11 @@ function below takes and returns those, and matches the stock node's formula (th
 it). Where the stock node computes something in another space (RescaleCFG in v, CFG-Zero* and TCFG
 on ``x − denoised``) the function does too.
 
-:func:`cfg_norm`, :func:`mahiro` and :func:`tangential_uncond` run this package's fused op when the
-installed guidance_kernels has it (:data:`FUSED_OPS`) and otherwise a PyTorch implementation of the
-same formula; ``fused=`` forces one path (tests compare the two).
+:func:`cfg_norm` and :func:`tangential_uncond` run this package's fused op (:data:`FUSED_OPS`) or,
+with ``fused=False``, a PyTorch implementation of the same formula (tests compare the two).
+:func:`mahiro` runs PyTorch: the fused Mahiro (``guidance_combine(..., mahiro=True)``) corrects the
+CFG it computes itself, while ComfyUI's post-CFG hook hands over an already combined ``denoised``
+(which another hook may have changed).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import torch.nn.functional as F
 
 import guidance_kernels as gk
 
-# Fused ops the combines switch to once guidance_kernels provides them (name -> attribute of gk).
-FUSED_OPS = {"cfg_norm": "cfg_norm_combine", "mahiro": "mahiro_combine", "tcfg": "tcfg_combine"}
+# The fused op behind each combine that has a fused path (name -> attribute of gk).
+FUSED_OPS = {"cfg_norm": "guidance_combine", "tcfg": "tcfg_combine"}
 
 
 def add_term(denoised: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, scale: float) -> torch.Tensor:
@@ -133,19 +135,12 @@ def rescale_cfg(x, cond, uncond, sigma: torch.Tensor, cond_scale: float, multipl
 # --------------------------------------------------------------------------- CFGNorm, Mahiro, TCFG
 
 
-def _fused(name: str, fused: bool | None):
-    op = getattr(gk, FUSED_OPS[name], None)
-    if fused and op is None:
-        raise NotImplementedError(f"guidance_kernels {gk.__version__} has no {FUSED_OPS[name]}")
-    return op if fused is not False else None
-
-
-def cfg_norm(denoised, cond, strength: float, *, fused: bool | None = None) -> torch.Tensor:
+def cfg_norm(denoised, cond, strength: float, *, fused: bool = True) -> torch.Tensor:
     """ComfyUI's CFGNorm: ``denoised · clamp(‖cond‖ / (‖denoised‖ + 1e-8), 0, 1) · strength`` with
-    norms over the channel dim (one ratio per pixel)."""
-    op = _fused("cfg_norm", fused)
-    if op is not None:
-        return op(denoised, cond, strength=strength)
+    norms over the channel dim (one ratio per pixel). Fused: one guidance_combine call with no
+    terms (its output is ``denoised``) and CFG-Norm against cond."""
+    if fused:
+        return gk.guidance_combine([denoised, cond], gk.Guidance(0), rescale_ref=1, cfg_norm=strength)
     ratio = torch.linalg.vector_norm(cond, dim=1, keepdim=True) / (
         torch.linalg.vector_norm(denoised, dim=1, keepdim=True) + 1e-8)
     return denoised * ratio.clamp(0.0, 1.0) * strength
@@ -155,13 +150,10 @@ def _signed_sqrt(t: torch.Tensor) -> torch.Tensor:
     return t.abs().sqrt() * t.sign()
 
 
-def mahiro(denoised, cond, uncond, cond_scale: float, *, fused: bool | None = None) -> torch.Tensor:
+def mahiro(denoised, cond, uncond, cond_scale: float) -> torch.Tensor:
     """ComfyUI's Mahiro: ``leap = s·cond``; the cosine similarity (over channels, averaged over
-    everything) of the signed square roots of ``s·uncond`` and ``(leap + denoised)/2`` gives
-    ``w = 2(sim + 1)``; the result is ``(w·denoised + (4 − w)·leap)/4``."""
-    op = _fused("mahiro", fused)
-    if op is not None:
-        return op(denoised, cond, uncond, cond_scale)
+    everything, the batch included) of the signed square roots of ``s·uncond`` and
+    ``(leap + denoised)/2`` gives ``w = 2(sim + 1)``; the result is ``(w·denoised + (4 − w)·leap)/4``."""
     leap = cond * cond_scale
     merged = (leap + denoised) / 2
     weight = 2 * (F.cosine_similarity(_signed_sqrt(uncond * cond_scale), _signed_sqrt(merged)).mean() + 1)
@@ -189,13 +181,12 @@ def _tangential_projection(e_cond: torch.Tensor, e_uncond: torch.Tensor) -> torc
     return out.reshape(e_uncond.shape).to(e_uncond.dtype)
 
 
-def tangential_uncond(x, cond, uncond, *, fused: bool | None = None) -> torch.Tensor:
+def tangential_uncond(x, cond, uncond, *, fused: bool = True) -> torch.Tensor:
     """ComfyUI's TCFG (``pre_cfg_function``): the uncond prediction whose ``x − uncond`` is
     projected on the principal right-singular direction of ``[x − uncond; x − cond]`` (per sample;
     the stock node runs ``torch.linalg.svd``, this the closed form of the 2×2 Gram matrix)."""
     e_cond, e_uncond = x - cond, x - uncond
-    op = _fused("tcfg", fused)
-    if op is not None:
+    if fused:
         # The fused TCFG combine is CFG on the damped uncond: at scale 0 it is the damped uncond.
-        return x - op([e_cond, e_uncond], 0.0, cond=0, uncond=1)
+        return x - gk.tcfg_combine([e_cond, e_uncond], 0.0, cond=0, uncond=1)
     return x - _tangential_projection(e_cond, e_uncond)

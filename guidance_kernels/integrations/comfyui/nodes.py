@@ -4,7 +4,7 @@ through :func:`guidance_kernels.integrations.comfyui.comfy_entrypoint` when it l
 Each node takes the stock node's inputs with the stock defaults (SEG: the community node's) and
 patches a clone of the model. Perturbed branches (PAG, SEG, SLG) join the sampler's cond/uncond
 model call through :mod:`.batch`; SAG records the uncond key mass in that call and runs its one
-degraded call; every combine is a fused op from :mod:`.combine`.
+degraded call; the combines are in :mod:`.combine` (fused ops, Mahiro in PyTorch).
 """
 
 from __future__ import annotations
