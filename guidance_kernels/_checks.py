@@ -83,6 +83,8 @@ def same_device_dtype(fn: str, arg: str, t: torch.Tensor, like: torch.Tensor, li
 
 
 def branch_index(fn: str, arg: str, index, num_branches: int) -> int:
+    if type(index) is int and 0 <= index < num_branches:  # the common case, without abc checks
+        return index
     if isinstance(index, bool) or not isinstance(index, numbers.Integral):
         fail(fn, arg, f"branch index must be an int, got {index!r}", TypeError)
     if not 0 <= index < num_branches:
@@ -92,6 +94,10 @@ def branch_index(fn: str, arg: str, index, num_branches: int) -> int:
 
 def finite_number(fn: str, arg: str, value, *, minimum: float | None = None,
                   minimum_inclusive: bool = True) -> float:
+    if (type(value) is float or type(value) is int) and minimum is None and not is_compiling():
+        if not math.isfinite(value):  # the common case (a plain number), without abc checks
+            fail(fn, arg, f"must be finite, got {value}")
+        return float(value)
     if is_compiling() and not isinstance(value, bool) and isinstance(value, (float, int, torch.SymFloat,
                                                                               torch.SymInt)):
         # torch.compile makes a changing Python float symbolic: testing its value would specialise

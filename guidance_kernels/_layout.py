@@ -219,6 +219,9 @@ def split_branches(preds: list[torch.Tensor], num_branches: int) -> list[torch.T
     if len(preds) == num_branches:
         return list(preds)
     (stacked,) = preds
+    parts = stacked.chunk(num_branches)  # one dispatch; the same views as unflatten + unbind
+    if len(parts) == num_branches:
+        return list(parts)
     return list(stacked.unflatten(0, (num_branches, -1)).unbind(0))
 
 

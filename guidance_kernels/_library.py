@@ -102,6 +102,15 @@ def call(name: str, args: tuple, backend: str):
     return BODIES[name](*args, backend)
 
 
+def call_memoised(name: str, preds: list, rest: tuple, backend: str):
+    """:func:`call` for a record ``(preds, *rest)`` whose tensor fields in ``rest`` are all None (a
+    plan memoised by ``_plans``: number scales only), in eager mode: only ``preds`` decide."""
+    for t in preds:
+        if type(t) is not Tensor or t.requires_grad:
+            return OPS[name](preds, *rest, backend)
+    return BODIES[name](preds, *rest, backend)
+
+
 def differentiable(name: str, tensors: tuple[str, ...]) -> None:
     """Give op ``name`` an autograd formula: the vector-Jacobian product of the torch backend's
     functional formulation (``torch_ops.<stem>.differentiable``, same algorithmic short-cuts) with

@@ -205,6 +205,11 @@ def check_environment() -> None:
     _check_op_names(f"{ENV_VAR}={os.environ.get(ENV_VAR, '')!r}", _ENV_FORCED)
 
 
+def forcing_state() -> tuple:
+    """The ``use_backend`` frames in effect (hashable): part of every memo of eager choices."""
+    return _FORCED_STACK
+
+
 def forced_backend(op: str, argument: str | None = None) -> str | None:
     """The backend forced for ``op`` by argument, context manager or env var (None: automatic)."""
     if argument is not None and argument != "auto":

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Union
 
 import torch
@@ -43,11 +44,15 @@ UNCOND, COND, PERTURBED = 0, 1, 2
 def _index(owner: str, name: str, value) -> None:
     # Checked when built, so a float or a tensor index is named here instead of surfacing later as
     # a bad branch count. The range is checked by the combine, which knows the number of branches.
+    if type(value) is int:
+        return
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         _checks.fail(owner, name, f"branch index must be an int, got {value!r} ({type(value).__name__})", TypeError)
 
 
 def _scale_value(owner: str, name: str, value) -> None:
+    if type(value) is float or type(value) is int:
+        return
     if isinstance(value, torch.Tensor):
         return
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat, torch.SymInt)):
@@ -88,6 +93,14 @@ class Guidance:
         if not isinstance(other, Guidance):
             return NotImplemented
         return Guidance(self.base, self.terms + other.terms)
+
+    @cached_property
+    def static_key(self) -> tuple | None:
+        """The guidance by value when every scale is a Python number (else None): equal guidances
+        built anew each step share one memo entry of validated calls (``_plans``)."""
+        if not all(type(t.scale) is float or type(t.scale) is int for t in self.terms):
+            return None
+        return self.base, tuple((t.pos, t.neg, t.scale) for t in self.terms)
 
     @property
     def num_branches(self) -> int:

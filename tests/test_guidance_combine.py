@@ -555,3 +555,47 @@ def test_errors_name_the_argument_the_caller_passed():
         gk.adaptive_pag_scale(3.0, float("nan"), 500)
     with pytest.raises(ValueError, match="adaptive_pag_scale: timestep: must be finite"):
         gk.adaptive_pag_scale(3.0, 0.1, float("inf"))
+
+
+# --------------------------------------------------------------------------- the memo of validated calls
+
+
+def test_a_repeated_call_is_validated_once_and_the_memo_keeps_no_tensor(monkeypatch):
+    import gc
+    import weakref
+
+    from guidance_kernels.ops import guidance_combine as module
+
+    plans = []
+    real = module._combine_plan
+    monkeypatch.setattr(module, "_combine_plan", lambda *a: plans.append(a[0].shape) or real(*a))
+    monkeypatch.setattr(module, "_PLANS", module._plans.Memo())
+    pred = torch.randn(3, 2, 5, 4)
+    first = gk.guidance_combine(pred, gk.cfg(7.5) + gk.pag(3.0), backend="torch")
+    again = gk.guidance_combine(pred.clone(), gk.cfg(7.5) + gk.pag(3.0), backend="torch")  # a new, equal guidance
+    assert torch.equal(first, again) and len(plans) == 1
+    gk.guidance_combine(pred[:, :, :4], gk.cfg(7.5) + gk.pag(3.0), backend="torch")  # another layout
+    gk.guidance_combine(pred, gk.cfg(7.0) + gk.pag(3.0), backend="torch")  # another scale
+    gk.guidance_combine(pred, gk.cfg(torch.tensor(7.5)) + gk.pag(3.0), backend="torch")  # tensor scale: no memo
+    gk.guidance_combine(pred, gk.cfg(torch.tensor(7.5)) + gk.pag(3.0), backend="torch")
+    assert len(plans) == 5
+    alive = weakref.ref(pred)
+    del pred, first, again
+    gc.collect()
+    assert alive() is None
+
+
+def test_a_memoised_call_still_rejects_what_its_first_call_did_not_see():
+    pred = torch.randn(3, 2, 5, 4)
+    gk.guidance_combine(pred, gk.cfg(7.5) + gk.pag(3.0))
+    with pytest.raises(ValueError, match=r"guidance_combine: guidance.terms\[0\].scale: must be finite"):
+        gk.guidance_combine(pred, gk.cfg(float("nan")) + gk.pag(3.0))
+    with pytest.raises(ValueError, match="guidance_combine: pred: leading dimension 4"):
+        gk.guidance_combine(torch.randn(4, 2, 5, 4), gk.cfg(7.5) + gk.pag(3.0))
+    with pytest.raises(TypeError, match="guidance_combine: pred: expected a floating-point tensor"):
+        gk.guidance_combine(torch.ones(3, 2, 5, 4, dtype=torch.int32), gk.cfg(7.5) + gk.pag(3.0))
+    with pytest.raises(gk.backends.BackendError, match="guidance_combine: backend 'cuda' cannot serve"):
+        with gk.use_backend(guidance_combine="cuda"):  # the forcing in effect is part of the memo's key
+            gk.guidance_combine(pred, gk.cfg(7.5) + gk.pag(3.0))
+    grad = pred.clone().requires_grad_(True)  # the memo's call still dispatches what needs autograd
+    assert gk.guidance_combine(grad, gk.cfg(7.5) + gk.pag(3.0)).shape == (1, 2, 5, 4)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import _checks, _layout, _library, _spec, backends
+from .. import _checks, _layout, _library, _plans, _spec, backends
 from .._library import (ApgCombineArgs, ApgCombineMomentumArgs, CfgNormCombineArgs, CfgZeroStarCombineArgs,
                         GuidanceCombineArgs, MagCombineArgs, MahiroCombineArgs, TcfgCombineArgs)
 from .._spec import APG_CFG_FORMULATIONS, APG_FORMULATIONS, MAX_BRANCHES, MAX_TERMS
@@ -100,6 +100,36 @@ def guidance_combine(pred, guidance: Guidance, *, num_branches: int | None = Non
         ``(B, …)`` in the dtype of ``pred``, laid out like one branch when the branches are dense
         with the batch outermost (contiguous, channels-last), else contiguous.
     """
+    key = _combine_key(pred, guidance, num_branches, rescale, rescale_ref, cfg_norm, mahiro, backend)
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        name, args, chosen = _combine_plan(pred, guidance, num_branches, rescale, rescale_ref, cfg_norm, mahiro,
+                                           backend)
+        if key is not None:  # the record without its inputs: a plan must not keep tensors alive
+            _PLANS.put(key, (name, args[1:], chosen))
+        return _library.call(name, args, chosen)
+    name, rest, chosen = plan
+    return _library.call_memoised(name, [pred] if type(pred) is torch.Tensor else list(pred), rest, chosen)
+
+
+# Validated guidance_combine calls by what their validation reads (see _plans).
+_PLANS = _plans.Memo()
+
+
+def _combine_key(pred, guidance, num_branches, rescale, rescale_ref, cfg_norm, mahiro, backend):
+    if torch.compiler.is_compiling() or type(guidance) is not Guidance:
+        return None
+    value = guidance.static_key
+    shape = _plans.layout(pred)
+    if value is None or shape is None or not (
+            _plans.static(num_branches) and _plans.number(rescale) and _plans.static(rescale_ref)
+            and (cfg_norm is None or _plans.number(cfg_norm)) and _plans.static(mahiro) and _plans.static(backend)):
+        return None
+    return _PLANS.key(shape, value, num_branches, rescale, rescale_ref, cfg_norm, mahiro, backend)
+
+
+def _combine_plan(pred, guidance, num_branches, rescale, rescale_ref, cfg_norm, mahiro, backend):
+    """Validate a guidance_combine call: ``(op name, its record, backend)``."""
     fn = "guidance_combine"
     if not isinstance(guidance, Guidance):
         _checks.fail(fn, "guidance", f"expected a Guidance (e.g. cfg(7.5) + pag(3.0)), got "
@@ -139,12 +169,10 @@ def guidance_combine(pred, guidance: Guidance, *, num_branches: int | None = Non
         strength, strength_tensor = _checks.scale(fn, "cfg_norm", cfg_norm, batch, device, minimum=0.0)
         args = CfgNormCombineArgs(preds, k, base, pos, neg, numbers_, tensors, strength, strength_tensor,
                                   rescale_ref)
-        return _library.call("guidance_combine_cfg_norm", args, chosen)
+        return "guidance_combine_cfg_norm", args, chosen
     if mahiro:
-        args = MahiroCombineArgs(preds, k, base, pos, neg, numbers_, tensors)
-        return _library.call("guidance_combine_mahiro", args, chosen)
-    args = GuidanceCombineArgs(preds, k, base, pos, neg, numbers_, tensors, phi, phi_tensor, rescale_ref)
-    return _library.call(fn, args, chosen)
+        return "guidance_combine_mahiro", MahiroCombineArgs(preds, k, base, pos, neg, numbers_, tensors), chosen
+    return fn, GuidanceCombineArgs(preds, k, base, pos, neg, numbers_, tensors, phi, phi_tensor, rescale_ref), chosen
 
 
 def _pair(fn: str, pred, cond: int, uncond: int, num_branches: int | None):

@@ -16,11 +16,16 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the dispatch of a no-op conversion (most calls: fp32 inputs)."""
+    return t if t.dtype is dtype else t.to(dtype)
+
+
 def per_sample(number: float, tensor: torch.Tensor | None, ndim: int, dtype: torch.dtype):
     """A scale as the Python ``number`` or the (1,) / (B,) ``tensor`` shaped (B|1, 1, …, 1)."""
     if tensor is None:
         return number
-    return tensor.to(dtype).reshape(-1, *([1] * (ndim - 1)))
+    return as_dtype(tensor, dtype).reshape(-1, *([1] * (ndim - 1)))
 
 
 def separable_blur(img: torch.Tensor, kernel_size: int, sigma: float) -> torch.Tensor:

@@ -16,7 +16,7 @@ from .. import _spec
 from .._layout import output_like, split_branches
 from .._library import (ApgCombineArgs, CfgNormCombineArgs, CfgZeroStarCombineArgs, GuidanceCombineArgs,
                         MagCombineArgs, MahiroCombineArgs, TcfgCombineArgs)
-from ._common import compute_dtype, per_sample
+from ._common import as_dtype, compute_dtype, per_sample
 
 
 def _finish(result: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -33,9 +33,9 @@ def _rescale(out: torch.Tensor, ref: torch.Tensor, phi) -> torch.Tensor:
 def _linear(a, branches, dtype, out=None) -> torch.Tensor:
     """D[base] + Σ g_t (D[pos_t] − D[neg_t]) in ``dtype``; the last term is written into ``out``
     when given (no copy when nothing follows)."""
-    acc = branches[a.base].to(dtype)
+    acc = as_dtype(branches[a.base], dtype)
     for i, (p, n, g, g_tensor) in enumerate(zip(a.pos, a.neg, a.scales, a.scale_tensors)):
-        diff = branches[p].to(dtype) - branches[n].to(dtype)
+        diff = as_dtype(branches[p], dtype) - as_dtype(branches[n], dtype)
         target = out if i == len(a.pos) - 1 else None
         # Multiply, then add (torch.add(alpha=) and addcmul fuse them into one rounding on the CPU).
         acc = torch.add(acc, diff * per_sample(g, g_tensor, acc.dim(), dtype), out=target)
@@ -51,7 +51,7 @@ def guidance_combine(a: GuidanceCombineArgs):
     acc = _linear(a, branches, dtype, out if not rescaling and out.dtype == dtype else None)
     if rescaling:
         phi = per_sample(a.rescale, a.rescale_tensor, acc.dim(), dtype)
-        acc = _rescale(acc, branches[a.rescale_ref].to(dtype), phi)
+        acc = _rescale(acc, as_dtype(branches[a.rescale_ref], dtype), phi)
     return acc if acc is out else out.copy_(acc)
 
 
@@ -59,7 +59,7 @@ def guidance_combine_cfg_norm(a: CfgNormCombineArgs):
     branches = split_branches(a.preds, a.num_branches)
     dtype = compute_dtype(branches[0])
     acc = _linear(a, branches, dtype)
-    norm_ref = torch.linalg.vector_norm(branches[a.ref].to(dtype), dim=1, keepdim=True)
+    norm_ref = torch.linalg.vector_norm(as_dtype(branches[a.ref], dtype), dim=1, keepdim=True)
     norm_out = torch.linalg.vector_norm(acc, dim=1, keepdim=True)
     # clamp(x, 0, 1) keeps a NaN (torch.clamp), as ComfyUI's does
     scale = (norm_ref / (norm_out + _spec.CFG_NORM_EPS)).clamp(min=0.0, max=1.0)
@@ -71,8 +71,8 @@ def guidance_combine_mahiro(a: MahiroCombineArgs):
     dtype = compute_dtype(branches[0])
     acc = _linear(a, branches, dtype)
     s = per_sample(a.scales[0], a.scale_tensors[0], acc.dim(), dtype)
-    leap = branches[a.pos[0]].to(dtype) * s
-    u_leap = branches[a.neg[0]].to(dtype) * s
+    leap = as_dtype(branches[a.pos[0]], dtype) * s
+    u_leap = as_dtype(branches[a.neg[0]], dtype) * s
     merge = (leap + acc) / 2
     normu = torch.sqrt(u_leap.abs()) * u_leap.sign()
     normm = torch.sqrt(merge.abs()) * merge.sign()
@@ -89,7 +89,7 @@ def _pair(a):
     """(first branch, compute dtype, cond, uncond in the compute dtype, non-batch dims)."""
     branches = split_branches(a.preds, a.num_branches)
     dtype = compute_dtype(branches[0])
-    c, u = branches[a.cond].to(dtype), branches[a.uncond].to(dtype)
+    c, u = as_dtype(branches[a.cond], dtype), as_dtype(branches[a.uncond], dtype)
     return branches[0], dtype, c, u, list(range(1, c.dim()))
 
 
@@ -102,7 +102,7 @@ def apg_combine(a: ApgCombineArgs):
     code = _spec.APG_FORMULATION_CODES[a.formulation]
     diff = c - u
     if a.momentum_buffer is not None:
-        running = diff + a.momentum * a.momentum_buffer.to(dtype)
+        running = diff + a.momentum * as_dtype(a.momentum_buffer, dtype)
         a.momentum_buffer.copy_(running)
         if code < 3:  # the CFG formulations only feed the buffer
             diff = running
