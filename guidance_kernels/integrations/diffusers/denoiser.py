@@ -292,6 +292,31 @@ class GuidedDenoiser:
     def __exit__(self, *exc):
         self.remove()
 
+    # ------------------------------------------------------------------ forwards called by someone else
+
+    def install(self) -> None:
+        """Install the processors and routers again after :meth:`remove` (no-op while installed).
+        The modular guiders install for each step's model call and remove afterwards, so the
+        model is the stock one between steps (for diffusers' own guiders and hooks)."""
+        if not self._original and not self._hooks:
+            self._install()
+
+    def route(self, kinds, batch: int, sample: torch.Tensor, *, encoder_hidden_states: torch.Tensor,
+              model_kwargs: dict | None = None, token_grid=None) -> BranchPlan:
+        """Make the model's next forward — a call made elsewhere (a diffusers denoise loop) on the
+        branches ``kinds`` (e.g. ``["uncond", "cond", "pag"]``), ``batch`` rows each, concatenated
+        branch-major in the order of the returned plan's ``kinds`` — compute each branch as
+        :meth:`__call__` does. ``sample`` / ``encoder_hidden_states`` / ``model_kwargs``: that
+        call's arguments (the grids SEG needs are read from them). Undo with :meth:`unroute`."""
+        plan = self._plan(list(kinds), batch)
+        self._set_grids(sample, dict(model_kwargs or {}), token_grid, encoder_hidden_states, seg="seg" in plan.kinds)
+        self.state.plan, self.state.sag_capture = plan, False
+        return plan
+
+    def unroute(self) -> None:
+        """End :meth:`route`: the processors and routers act as the model's own again."""
+        self.state.plan = None
+
     # ------------------------------------------------------------------ plans
 
     def _perturbation(self, kind: str) -> Perturbation:
