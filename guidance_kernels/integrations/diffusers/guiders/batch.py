@@ -129,7 +129,7 @@ class BatchedGuidance:
             if any(p is _MISSING for p in per):
                 continue
             state[key] = self._concat(key, per, batch)
-        self._step = _Step(branches, batch)
+        self._batched = _Step(branches, batch)
         identifier = "+".join(b.name for b in branches)
         return [BlockState(**state, **{self._identifier_key: identifier})]
 
@@ -153,7 +153,7 @@ class BatchedGuidance:
 
     def prepare_models(self, denoiser: torch.nn.Module) -> None:
         self._count_prepared += 1
-        step = getattr(self, "_step", None)
+        step = getattr(self, "_batched", None)
         if step is None or len(step.branches) == 1 or step.installed:
             return
         model = getattr(denoiser, "_orig_mod", denoiser)  # a torch.compile'd model: its module
@@ -209,7 +209,7 @@ class BatchedGuidance:
 
     def _release(self) -> None:
         """Remove this step's hooks and perturbations (also after a model call that raised)."""
-        step = getattr(self, "_step", None)
+        step = getattr(self, "_batched", None)
         if step is None:
             return
         for handle in step.installed:
@@ -235,7 +235,7 @@ class BatchedGuidance:
         return cached[1]
 
     def __call__(self, data: list):
-        step = getattr(self, "_step", None)
+        step = getattr(self, "_batched", None)
         if step is None or len(data) != 1:
             raise ValueError(f"{self._fn}: expected the one batch of prepare_inputs, got {len(data)}")
         pred = data[0].noise_pred
