@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import arguments as _arguments
 from ..denoiser import GuidedDenoiser
 from ..models import require_family
 
@@ -78,6 +79,14 @@ class BatchedGuidance:
     the predictions combine (:meth:`_combine`)."""
 
     _fn = "guider"  # the name in error messages (the class name)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "_fn" in cls.__dict__ and not getattr(cls.__init__, "_guider_checked", False):
+            cls.__init__ = _arguments.checked(cls._fn, cls.__init__)
+
+    def _check_configuration(self) -> None:
+        """Checks of the constructed guider (its perturbation configs); after :mod:`.arguments`'."""
 
     # ------------------------------------------------------------------ what subclasses define
 

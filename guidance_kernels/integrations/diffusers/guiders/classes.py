@@ -225,6 +225,9 @@ class _OnePerturbation(_Named):
     def _kind(self) -> tuple[str, str]:
         return _p.skip_kind(self._fn, self._config_arg, self.skip_layer_config)
 
+    def _check_configuration(self):
+        self._kind()
+
     def _active_branches(self):
         branches = _pair(self._is_cfg_enabled())
         if self._perturbation_enabled():
@@ -276,9 +279,12 @@ class SmoothedEnergyGuidance(_OnePerturbation, BatchedGuidance, _dg.SmoothedEner
     def _kind(self):
         return "seg", "block"
 
+    def _check_configuration(self):
+        _p.check_seg_configs(self._fn, self.seg_guidance_config)
+        _p.seg_sigma(self._fn, self.seg_blur_sigma, self.seg_blur_threshold_inf)
+
     def _engine_options(self, model):
         family = require_family(self._fn, model)
-        _p.check_seg_configs(self._fn, self.seg_guidance_config)
         return dict(seg_layers=_p.selectors(self._fn, self._config_arg, family, self.seg_guidance_config),
                     seg_sigma=_p.seg_sigma(self._fn, self.seg_blur_sigma, self.seg_blur_threshold_inf))
 
@@ -301,6 +307,9 @@ class AutoGuidance(_Named, BatchedGuidance, _dg.AutoGuidance):
 
     def _kind(self):
         return _p.skip_kind(self._fn, "auto_guidance_config", self.auto_guidance_config)
+
+    def _check_configuration(self):
+        self._kind()
 
     def _active_branches(self):
         if not self._is_ag_enabled():
@@ -349,9 +358,6 @@ class PerturbedGuidance(_Named, BatchedGuidance, BaseGuidance):
                  perturbed_guidance_stop: float = 1.0, guidance_rescale: float = 0.0,
                  use_original_formulation: bool = False, start: float = 0.0, stop: float = 1.0, enabled: bool = True):
         super().__init__(start, stop, enabled)
-        if not 0.0 <= perturbed_guidance_start <= perturbed_guidance_stop <= 1.0:
-            raise ValueError(f"{self._fn}: perturbed_guidance_start/stop: need 0 <= start <= stop <= 1, got "
-                             f"{perturbed_guidance_start}, {perturbed_guidance_stop}")
         if slg_scale and slg_layers is None:
             raise ValueError(f"{self._fn}: slg_layers: required with slg_scale (e.g. [7, 8, 9] for SD3.5 medium)")
         self.guidance_scale, self.guidance_rescale = guidance_scale, guidance_rescale
