@@ -1,7 +1,7 @@
 """``python -m guidance_kernels bench``: every op at real diffusion shapes, side by side.
 
 Each op contributes a module ``cases_<op>.py`` (the combine family's three ops share
-``cases_guidance_combine.py``; ``cases_diffusers.py``, ``cases_dit.py`` and ``cases_comfyui.py``
+``cases_guidance_combine.py``; ``cases_diffusers.py``, ``cases_dit.py``, ``cases_guiders.py`` and ``cases_comfyui.py``
 time whole denoising steps and sampler runs) with ``OPS`` (the op stems it times), optionally
 ``REQUIRES`` (modules it needs beyond the package's own dependencies: a family whose requirement is
 missing, or whose cases raise ImportError, is skipped and the table says why) and
@@ -25,7 +25,7 @@ import torch
 from . import harness, report
 
 FAMILIES = ["guidance_combine", "tcfg_combine", "mag_combine", "fdg_combine", "gaussian_blur_2d", "guided_attention",
-            "attention_key_mass", "sag_degrade", "diffusers", "dit", "comfyui", "parallel"]
+            "attention_key_mass", "sag_degrade", "diffusers", "dit", "guiders", "comfyui", "parallel"]
 
 
 def family_module(family: str) -> ModuleType:
