@@ -2,7 +2,7 @@
 components built from configs): the final latents of our guider equal those of diffusers' own
 guider on the same pipeline (fp32, <= 1e-5 relative, several steps), with ONE model call per step.
 
-Where diffusers' guider is broken (see docs/diffusers_guiders.md) the oracle is diffusers' guider
+Where diffusers' guider is broken (see docs/guiders.md) the oracle is diffusers' guider
 with the perturbation it means installed by a test hook, its combine untouched:
 
 * SEG: diffusers never installs its hook; the oracle blurs ``to_q``'s output with the reference

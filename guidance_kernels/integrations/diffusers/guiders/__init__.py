@@ -36,7 +36,7 @@ Serves the model classes of :data:`..models.SUPPORTED` (SDXL / SD1.5 UNets, SD3 
 Wan, LTX-Video, HunyuanVideo) in the modular denoise loops that call ``prepare_models`` before the
 model and read the model inputs from the guider's batch (every loop diffusers 0.42 ships except
 ControlNet's, whose ControlNet would get the batched conditioning with unbatched latents).
-See docs/diffusers_guiders.md for the semantics and where they differ from diffusers' guiders.
+See docs/guiders.md for the semantics and where they differ from diffusers' guiders.
 """
 
 from .batch import BatchedGuidance, Branch

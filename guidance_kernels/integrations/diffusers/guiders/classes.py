@@ -4,7 +4,7 @@ config (``save_pretrained`` / ``from_pretrained``), start/stop and ``num_conditi
 diffusers' own; ``prepare_inputs`` / ``prepare_models`` / ``cleanup_models`` / ``__call__`` /
 ``forward`` are ours.
 
-Where diffusers' guider is broken we do what it means (see docs/diffusers_guiders.md):
+Where diffusers' guider is broken we do what it means (see docs/guiders.md):
 
 * PAG on joint attention (SD3): image tokens get the identity, text tokens keep their attention
   (diffusers' PAG processors; the guider's hook makes text tokens identity too).
@@ -15,7 +15,8 @@ Where diffusers' guider is broken we do what it means (see docs/diffusers_guider
   ``is_conditional`` is False for the second call).
 * MAG: Frobenius norms (diffusers' ``torch.norm`` with three dims raises on 4-D latents).
 * CFG-Zero* with rescale during its zero-init steps: zeros (diffusers rescales them into NaN).
-* FDG where kornia pads the latent: the latent-sized crop (diffusers returns the padded size).
+* FDG with a level outside its start/stop: that level keeps its cond band (diffusers adds the
+  previous level's, a stale loop variable).
 
 diffusers' step intervals are kept as they are, including the strict ``start < step`` of the
 perturbation intervals of PAG / SEG / SLG (so they never run at step 0).
