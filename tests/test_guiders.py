@@ -229,7 +229,7 @@ SDXL_CASES = {
                                                       perturbed_guidance_start=0.0, perturbed_guidance_stop=1.0,
                                                       guidance_rescale=0.5)),
     "pag and cfg intervals": ("PerturbedAttentionGuidance", dict(guidance_scale=5.0, perturbed_guidance_scale=2.0,
-                                                                perturbed_guidance_config=pag_config(), stop=0.67,
+                                                                perturbed_guidance_config=pag_config(), start=0.34,
                                                                 perturbed_guidance_start=0.34,
                                                                 perturbed_guidance_stop=1.0)),
     "apg momentum": ("AdaptiveProjectedGuidance", dict(guidance_scale=5.0, adaptive_projected_guidance_momentum=-0.5,
@@ -244,6 +244,31 @@ def test_sdxl_matches_diffusers_guider_with_one_call_per_step(pipes, case):
     name, kwargs = SDXL_CASES[case]
     rebuild = lambda: {k: pag_config() if isinstance(v, LayerSkipConfig) else v for k, v in kwargs.items()}  # noqa
     compare(pipe_for(pipes, "sdxl"), getattr(og, name)(**rebuild()), getattr(dg, name)(**rebuild()))
+
+
+class PagWithoutCfg(dg.PerturbedAttentionGuidance):
+    """diffusers' PAG guider where CFG is off and PAG on: its second call gets the cond inputs and
+    the PAG hook (diffusers' hands it the negative inputs, unperturbed)."""
+
+    def prepare_inputs(self, data):
+        if self.num_conditions == 2 and not self._is_cfg_enabled():
+            return [self._prepare_batch(data, 0, name) for name in ("pred_cond", "pred_cond_skip")]
+        return super().prepare_inputs(data)
+
+    @property
+    def is_conditional(self):
+        return self._count_prepared in (1, 3) or (self._count_prepared == 2 and not self._is_cfg_enabled())
+
+
+def test_sdxl_pag_without_cfg_perturbs_the_cond_branch(pipes):
+    """CFG on at step 0 only, PAG on at steps 1 and 2: [uncond, cond], then [cond, pag]."""
+    pipe = pipe_for(pipes, "sdxl")
+    args = dict(guidance_scale=5.0, perturbed_guidance_scale=3.0, stop=0.34, perturbed_guidance_start=0.0,
+                perturbed_guidance_stop=1.0)
+    got, want = compare(pipe, og.PerturbedAttentionGuidance(**args, perturbed_guidance_config=pag_config()),
+                        PagWithoutCfg(**args, perturbed_guidance_config=pag_config()))
+    assert pipe.rows == [2, 2, 2]
+    effect(got, want, pipe(dg.PerturbedAttentionGuidance(**args, perturbed_guidance_config=pag_config())))
 
 
 def test_sdxl_inactive_branches_leave_the_batch(pipes):
