@@ -97,7 +97,8 @@ class Pipe:
     def __call__(self, guider, steps: int = STEPS, **inputs):
         self.pipe.update_components(guider=guider)
         self.rows = []
-        return self.pipe(**{**self.inputs, **inputs}, num_inference_steps=steps, generator=torch.Generator().manual_seed(1),
+        return self.pipe(**{**self.inputs, **inputs}, num_inference_steps=steps,
+                         generator=torch.Generator().manual_seed(1),
                          output="latents")
 
 
@@ -428,7 +429,8 @@ def test_perturbed_guidance_one_step_equals_the_guided_denoiser():
 
 def test_sd3_cfg_pag_slg(pipes):
     pipe = pipe_for(pipes, "sd3")
-    _, plain = compare(pipe, og.ClassifierFreeGuidance(guidance_scale=4.0), dg.ClassifierFreeGuidance(guidance_scale=4.0))
+    _, plain = compare(pipe, og.ClassifierFreeGuidance(guidance_scale=4.0),
+                       dg.ClassifierFreeGuidance(guidance_scale=4.0))
     pag = dict(guidance_scale=4.0, perturbed_guidance_scale=2.0, perturbed_guidance_start=0.0,
                perturbed_guidance_stop=1.0)
     fixed = oracle(dg.PerturbedAttentionGuidance, identity_on("transformer_blocks.1", image_tokens=8 * 6))
@@ -443,7 +445,8 @@ def test_sd3_cfg_pag_slg(pipes):
 
 def test_wan_slg_and_pag(pipes):
     pipe = pipe_for(pipes, "wan")
-    _, plain = compare(pipe, og.ClassifierFreeGuidance(guidance_scale=4.0), dg.ClassifierFreeGuidance(guidance_scale=4.0))
+    _, plain = compare(pipe, og.ClassifierFreeGuidance(guidance_scale=4.0),
+                       dg.ClassifierFreeGuidance(guidance_scale=4.0))
     slg = dict(guidance_scale=4.0, skip_layer_guidance_scale=2.0, skip_layer_guidance_start=0.0,
                skip_layer_guidance_stop=1.0)
     attention_only = lambda: LayerSkipConfig([1], skip_attention=True, skip_ff=False)  # noqa: E731
@@ -470,7 +473,8 @@ def _attention_skip(block):
 
 def test_ltx_cfg_mag_autoguidance(pipes):
     pipe = pipe_for(pipes, "ltx")
-    _, plain = compare(pipe, og.ClassifierFreeGuidance(guidance_scale=3.0), dg.ClassifierFreeGuidance(guidance_scale=3.0))
+    _, plain = compare(pipe, og.ClassifierFreeGuidance(guidance_scale=3.0),
+                       dg.ClassifierFreeGuidance(guidance_scale=3.0))
     # LTX's latents are packed (B, N, C): diffusers' MAG norms work there
     compare(pipe, og.MagnitudeAwareGuidance(guidance_scale=4.0, alpha=3.0, guidance_rescale=0.2),
             dg.MagnitudeAwareGuidance(guidance_scale=4.0, alpha=3.0, guidance_rescale=0.2))

@@ -80,8 +80,9 @@ def _guiders(mid_layers: int) -> dict:
                     OURS: lambda: ours.ClassifierFreeGuidance(guidance_scale=5.0)},
             "CFG+PAG mid": {THEIRS: lambda: pag(theirs), OURS: lambda: pag(ours)},
             "CFG+PAG+SEG mid": {"diffusers' PAG guider (no SEG)": lambda: pag(theirs),
-                                OURS: lambda: ours.PerturbedGuidance(guidance_scale=5.0, pag_scale=3.0, pag_layers="mid",
-                                                                     seg_scale=3.0, seg_layers="mid")}}
+                                OURS: lambda: ours.PerturbedGuidance(guidance_scale=5.0, pag_scale=3.0,
+                                                                     pag_layers="mid", seg_scale=3.0,
+                                                                     seg_layers="mid")}}
 
 
 def _per_step(rows: Rows) -> list[str]:

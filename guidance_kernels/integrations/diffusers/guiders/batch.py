@@ -198,7 +198,8 @@ class BatchedGuidance:
         if not isinstance(ehs, torch.Tensor) or ehs.shape[0] != k * b:
             rows = ehs.shape[0] if isinstance(ehs, torch.Tensor) else None
             raise RuntimeError(f"{self._fn}: the denoise loop called the model with encoder_hidden_states of {rows} "
-                               f"rows, not the {k}×{b} of the batch from prepare_inputs (use the fields of that batch)")
+                               f"rows, not the {k}×{b} of the batch from prepare_inputs (use the fields of that "
+                               "batch)")
         sample = call.get(family.sample_arg)
         if not isinstance(sample, torch.Tensor) or sample.shape[0] not in (b, k * b):
             raise RuntimeError(f"{self._fn}: {family.sample_arg}: expected {b} or {k * b} rows")
