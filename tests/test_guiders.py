@@ -32,7 +32,6 @@ import guidance_kernels as gk  # noqa: E402
 from guidance_kernels import reference as R  # noqa: E402
 from guidance_kernels.integrations import diffusers as gkd  # noqa: E402
 from guidance_kernels.integrations.diffusers import guiders as og  # noqa: E402
-from guidance_kernels.integrations.diffusers.guiders import combine as C  # noqa: E402
 import tiny_models as tm  # noqa: E402
 
 STEPS = 3
@@ -482,49 +481,6 @@ def test_ltx_cfg_mag_autoguidance(pipes):
     auto = dict(guidance_scale=3.0, auto_guidance_config=LayerSkipConfig([1, 2]))
     effect(*compare(pipe, og.AutoGuidance(**auto), dg.AutoGuidance(**auto)), plain)
     assert pipe.rows == [2] * STEPS
-
-
-# --------------------------------------------------------------------------- combine step
-
-
-def _preds(shape=(2, 4, 8, 6), seed=3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(2 * shape[0], *shape[1:], generator=g)
-
-
-def test_combine_fallbacks_follow_the_anchor_formulas():
-    from diffusers.guiders.magnitude_aware_guidance import mambo_guidance
-    from diffusers.guiders.tangential_classifier_free_guidance import normalized_guidance
-
-    pred = _preds()
-    u, c = pred.chunk(2)
-    for original in (False, True):
-        close(C.tcfg_torch(pred, 2, 4.0, cond=1, uncond=0, original_formulation=original, rescale=0.0),
-              normalized_guidance(c, u, 4.0, original))
-        flat = (c.flatten(2), u.flatten(2))  # diffusers' norms need <= 2 non-batch dims
-        want = mambo_guidance(*flat, 4.0, 3.0, original).reshape(c.shape)
-        close(C.mag_torch(pred, 2, 4.0, cond=1, uncond=0, alpha=3.0, original_formulation=original, rescale=0.0),
-              want)
-
-
-@pytest.mark.parametrize("op", ["tcfg", "mag", "fdg"])
-def test_combine_fallback_equals_the_fused_op(op):
-    """Same results whichever the package provides (the fused ops arrive with the combine family)."""
-    if not hasattr(gk, getattr(C, f"FUSED_{op.upper()}")):
-        pytest.skip(f"guidance_kernels has no {op}_combine yet (the torch formula is the one in use)")
-    pred = _preds()
-    common = dict(cond=1, uncond=0)
-    if op == "fdg":
-        pytest.importorskip("kornia")
-        args = dict(parallel_weights=[0.5, 1.0], rescale=0.3, rescale_space="data", original_formulation=False)
-        close(C.fdg_torch(pred, 2, [5.0, 2.0], **common, **args, upcast=True),
-              C.fdg(pred, 2, [5.0, 2.0], **common, **args, upcast=True))
-    elif op == "tcfg":
-        close(C.tcfg_torch(pred, 2, 4.0, **common, original_formulation=False, rescale=0.3),
-              C.tcfg(pred, 2, 4.0, **common, original_formulation=False, rescale=0.3))
-    else:
-        close(C.mag_torch(pred, 2, 4.0, **common, alpha=3.0, original_formulation=False, rescale=0.3),
-              C.mag(pred, 2, 4.0, **common, alpha=3.0, original_formulation=False, rescale=0.3))
 
 
 # --------------------------------------------------------------------------- bad configurations

@@ -22,9 +22,9 @@ guider                                 its batch per step (the branches that are
 ClassifierFreeGuidance                 [uncond, cond]
 AdaptiveProjectedGuidance              [uncond, cond] → apg_combine (momentum buffer kept here)
 ClassifierFreeZeroStarGuidance         [uncond, cond] → cfg_zero_star_combine ([cond] at zero-init)
-TangentialClassifierFreeGuidance       [uncond, cond] → tcfg (fused when present)
-MagnitudeAwareGuidance                 [uncond, cond] → mag (fused when present)
-FrequencyDecoupledGuidance             [uncond, cond] → fdg (fused when present)
+TangentialClassifierFreeGuidance       [uncond, cond] → tcfg_combine
+MagnitudeAwareGuidance                 [uncond, cond] → mag_combine
+FrequencyDecoupledGuidance             [uncond, cond] → fdg_combine
 PerturbedAttentionGuidance             [uncond, cond, pag] (pag forked at its first layer)
 SmoothedEnergyGuidance                 [uncond, cond, seg]
 SkipLayerGuidance                      [uncond, cond, slg]

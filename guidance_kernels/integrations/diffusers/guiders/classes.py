@@ -153,7 +153,7 @@ class ClassifierFreeZeroStarGuidance(_Named, BatchedGuidance, _dg.ClassifierFree
 
 
 class TangentialClassifierFreeGuidance(_Named, BatchedGuidance, _dg.TangentialClassifierFreeGuidance):
-    """diffusers' ``TangentialClassifierFreeGuidance`` (see :func:`.combine.tcfg`)."""
+    """diffusers' ``TangentialClassifierFreeGuidance`` on tcfg_combine."""
 
     _fn = "TangentialClassifierFreeGuidance"
 
@@ -163,8 +163,9 @@ class TangentialClassifierFreeGuidance(_Named, BatchedGuidance, _dg.TangentialCl
     def _combine(self, pred, index, k):
         if "pred_uncond" not in index:
             return _output(branch(pred, index, "pred_cond", k), pred, index, k)
-        out = _c.tcfg(pred, k, self.guidance_scale, cond=index["pred_cond"], uncond=index["pred_uncond"],
-                      original_formulation=self.use_original_formulation, rescale=self.guidance_rescale)
+        out = gk.tcfg_combine(pred, self.guidance_scale, cond=index["pred_cond"], uncond=index["pred_uncond"],
+                              num_branches=k, original_formulation=self.use_original_formulation,
+                              rescale=self.guidance_rescale)
         return _output(out, pred, index, k)
 
     def forward(self, pred_cond, pred_uncond=None):
@@ -172,7 +173,7 @@ class TangentialClassifierFreeGuidance(_Named, BatchedGuidance, _dg.TangentialCl
 
 
 class MagnitudeAwareGuidance(_Named, BatchedGuidance, _dg.MagnitudeAwareGuidance):
-    """diffusers' ``MagnitudeAwareGuidance`` (see :func:`.combine.mag`)."""
+    """diffusers' ``MagnitudeAwareGuidance`` on mag_combine (Frobenius norms)."""
 
     _fn = "MagnitudeAwareGuidance"
 
@@ -182,9 +183,9 @@ class MagnitudeAwareGuidance(_Named, BatchedGuidance, _dg.MagnitudeAwareGuidance
     def _combine(self, pred, index, k):
         if "pred_uncond" not in index:
             return _output(branch(pred, index, "pred_cond", k), pred, index, k)
-        out = _c.mag(pred, k, self.guidance_scale, cond=index["pred_cond"], uncond=index["pred_uncond"],
-                     alpha=self.alpha, original_formulation=self.use_original_formulation,
-                     rescale=self.guidance_rescale)
+        out = gk.mag_combine(pred, self.guidance_scale, cond=index["pred_cond"], uncond=index["pred_uncond"],
+                             num_branches=k, alpha=self.alpha, original_formulation=self.use_original_formulation,
+                             rescale=self.guidance_rescale)
         return _output(out, pred, index, k)
 
     def forward(self, pred_cond, pred_uncond=None):
@@ -192,7 +193,10 @@ class MagnitudeAwareGuidance(_Named, BatchedGuidance, _dg.MagnitudeAwareGuidance
 
 
 class FrequencyDecoupledGuidance(_Named, BatchedGuidance, _dg.FrequencyDecoupledGuidance):
-    """diffusers' ``FrequencyDecoupledGuidance`` (see :func:`.combine.fdg`); per-level start/stop."""
+    """diffusers' ``FrequencyDecoupledGuidance`` on fdg_combine; per-level start/stop (a level
+    outside its interval has scale 1, 0 with the original formulation: it keeps the cond band).
+    ``upcast_to_double`` is accepted and has no effect: fdg_combine's sums are fp32.
+    diffusers' constructor needs kornia installed; the combine does not."""
 
     _fn = "FrequencyDecoupledGuidance"
 
@@ -205,10 +209,10 @@ class FrequencyDecoupledGuidance(_Named, BatchedGuidance, _dg.FrequencyDecoupled
         off = 0.0 if self.use_original_formulation else 1.0  # a level at this scale keeps the cond level
         scales = [s if self._is_fdg_enabled_for_level(i) else off for i, s in enumerate(self.guidance_scales)]
         rescale = list(self.guidance_rescale) if self.guidance_rescale_space == "freq" else self.guidance_rescale[0]
-        out = _c.fdg(pred, k, scales, cond=index["pred_cond"], uncond=index["pred_uncond"],
-                     parallel_weights=list(self.parallel_weights), rescale=rescale,
-                     rescale_space=self.guidance_rescale_space, original_formulation=self.use_original_formulation,
-                     upcast=self.upcast_to_double)
+        out = gk.fdg_combine(pred, scales, cond=index["pred_cond"], uncond=index["pred_uncond"], num_branches=k,
+                             parallel_weights=list(self.parallel_weights), rescale=rescale,
+                             rescale_space=self.guidance_rescale_space,
+                             original_formulation=self.use_original_formulation)
         return _output(out, pred, index, k)
 
     def forward(self, pred_cond, pred_uncond=None):
