@@ -28,7 +28,6 @@ from diffusers import EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, U
 from diffusers import guiders as dg  # noqa: E402
 from diffusers.hooks import LayerSkipConfig, SmoothedEnergyGuidanceConfig  # noqa: E402
 
-import guidance_kernels as gk  # noqa: E402
 from guidance_kernels import reference as R  # noqa: E402
 from guidance_kernels.integrations import diffusers as gkd  # noqa: E402
 from guidance_kernels.integrations.diffusers import guiders as og  # noqa: E402
