@@ -8,7 +8,13 @@ to cubin for each target with Triton's own compiler and ptxas. The launchers are
 dtypes and layouts; only their data pointers' alignment and dtypes matter.
 
 This catches what the interpreter does not (illegal constexpr use, type mismatches between
-branches, unsupported ops) and reports registers and spills per kernel, as JSON on stdout.
+branches, unsupported ops) and reports per kernel, as JSON on stdout: registers and spills, shared
+memory, the launch's constexprs (tiles, warps, stages), the PTX global-load widths, and a SASS
+reading (:func:`sass_stats`, from the ``cuobjdump`` that ships with Triton): opcode counts of the
+whole kernel and of each innermost loop — what ``tests/test_compile_lanes.py`` asserts on
+(tensor-core instruction kind, 16-byte loads, shuffles and barriers per loop trip).
+
+``GK_AOT_DUMP=<dir>`` also writes each kernel's PTX, TTGIR and SASS there (for reading by hand).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -44,8 +51,12 @@ def _install_compiler(records: list[dict]) -> None:
                 meta = compiled.metadata
                 record.update(ok=True, num_warps=getattr(meta, "num_warps", None),
                               shared=getattr(meta, "shared", None))
+                record["constants"] = {k: v for k, v in kwargs.items() if isinstance(v, (bool, int, str))}
                 record.update(_resource_usage(compiled.asm.get("cubin")))
                 record["global_loads"] = _global_loads(compiled.asm.get("ptx", ""))
+                sass = _sass(compiled.asm.get("cubin"))
+                record["sass"] = sass_stats(sass)
+                _dump(record, compiled.asm, sass)
             except Exception as exc:  # reported, and the test fails on it
                 record.update(ok=False, error="".join(traceback.format_exception_only(type(exc), exc)).strip())
             records.append(record)
@@ -57,13 +68,73 @@ def _install_compiler(records: list[dict]) -> None:
 def _global_loads(ptx: str) -> dict:
     """Counts of global load instructions by width, e.g. {"v4.b32": 6, "b16": 2}: shows whether the
     contiguous fast path issues 128-bit vector loads."""
-    import re
-
     counts: dict[str, int] = {}
     for match in re.finditer(r"ld\.global(?:\.[a-z_]+)*?((?:\.v[248])?\.[bfsu]\d+)", ptx):
         key = match.group(1).lstrip(".")
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def _cuobjdump() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def _sass(cubin: bytes | None) -> str:
+    """The cubin's SASS as ``cuobjdump -sass`` prints it ("" when it cannot be read)."""
+    import subprocess
+    import tempfile
+
+    if not cubin or not _cuobjdump().exists():
+        return ""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(_cuobjdump()), "-sass", f.name], capture_output=True, text=True).stdout
+
+
+# "/*0a30*/  @!P5 BRA 0x2350 ;": address, optional predicate, mnemonic, operands
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+
+
+def sass_stats(sass: str) -> dict:
+    """Opcode counts of a kernel's SASS: ``{"ops": {opcode: n}, "loops": [{"start", "end", "ops"}]}``.
+
+    An opcode is the full mnemonic with its modifiers (``LDG.E.128``, ``HGMMA.64x128x16.F32.BF16``,
+    ``SHFL.BFLY``); a loop is the address range of a backward branch (``BRA`` to an address at or
+    before its own), and only innermost loops (containing no other) are listed, with their own
+    opcode counts: one trip of a hot loop."""
+    code = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _SASS_LINE.finditer(sass)]
+    ops: dict[str, int] = {}
+    for _, op, _ in code:
+        ops[op] = ops.get(op, 0) + 1
+    spans = []
+    for addr, op, rest in code:
+        target = re.match(r"\s*(0x[0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            spans.append((int(target.group(1), 16), addr))
+    inner = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    loops = []
+    for start, end in sorted(set(inner)):
+        counts: dict[str, int] = {}
+        for addr, op, _ in code:
+            if start <= addr <= end:
+                counts[op] = counts.get(op, 0) + 1
+        loops.append({"start": start, "end": end, "ops": counts})
+    return {"ops": ops, "loops": loops}
+
+
+def _dump(record: dict, asm: dict, sass: str) -> None:
+    folder = os.environ.get("GK_AOT_DUMP")
+    if not folder:
+        return
+    stem = Path(folder) / f"{record['case'].replace(':', '_')}_{record['kernel']}_{record['target']}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for key in ("ptx", "ttgir"):
+        if key in asm:
+            stem.with_suffix(f".{key}").write_text(asm[key])
+    stem.with_suffix(".sass").write_text(sass)
 
 
 def _resource_usage(cubin: bytes | None) -> dict:
@@ -72,9 +143,7 @@ def _resource_usage(cubin: bytes | None) -> dict:
     import subprocess
     import tempfile
 
-    import triton
-
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    cuobjdump = _cuobjdump()
     if not cubin or not cuobjdump.exists():
         return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
