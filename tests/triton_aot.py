@@ -4,7 +4,8 @@ Run as a script (it must not see ``TRITON_INTERPRET=1``: the interpreter replace
 It replaces ``JITFunction.run`` so that a launch, instead of running, binds its arguments exactly
 as Triton's launcher does (same specialisation on alignment and on 1), then compiles the kernel
 to cubin for each target with Triton's own compiler and ptxas. The launchers are driven by the
-``CASES`` of every ``tests/aot_<op>.py`` module with CPU tensors of representative shapes,
+``CASES`` of every ``tests/aot_<op>.py`` module — ``(name, case)``, or ``(name, case, targets)``
+for a case that only some targets run (TMA: sm_90) — with CPU tensors of representative shapes,
 dtypes and layouts; only their data pointers' alignment and dtypes matter.
 
 This catches what the interpreter does not (illegal constexpr use, type mismatches between
@@ -38,6 +39,8 @@ def _install_compiler(records: list[dict]) -> None:
 
     def run(self, *args, grid, warmup, **kwargs):
         for capability, label in TARGETS:
+            if label not in _CURRENT_TARGETS[0]:
+                continue
             target = GPUTarget("cuda", capability, 32)
             backend = make_backend(target)
             binder = create_function_from_signature(self.signature, self.params, backend)
@@ -163,6 +166,7 @@ def _resource_usage(cubin: bytes | None) -> dict:
 
 
 _CURRENT_CASE = [""]
+_CURRENT_TARGETS = [tuple(label for _, label in TARGETS)]
 
 
 def main() -> int:
@@ -176,10 +180,11 @@ def main() -> int:
     only = sys.argv[1:]
     for path in sorted(here.glob("aot_*.py")):
         module = importlib.import_module(path.stem)
-        for name, case in module.CASES:
+        for name, case, *targets in module.CASES:
             if only and not any(o in f"{path.stem}:{name}" for o in only):
                 continue
             _CURRENT_CASE[0] = f"{path.stem}:{name}"
+            _CURRENT_TARGETS[0] = targets[0] if targets else tuple(label for _, label in TARGETS)
             try:
                 case()
             except Exception as exc:
