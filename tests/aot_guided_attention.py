@@ -4,8 +4,9 @@ The main kernel is compiled in the variants its flags select — "mixed": [none,
 σ=∞] without text (V copy, blurred queries, broadcast mean rows); "joint": the same batch with
 text tokens (joint PAG instead of the copy); "plain": attention only — with the blur and σ = ∞
 pre-pass kernels launched alongside. Every head dim the kernels serve (40, 64, 80, 128, 160) is
-compiled in bfloat16 in the two perturbed variants with the default tile config, and every other
-tuning candidate (:func:`attention_configs`) in the register-heaviest ("joint") variant; the
+compiled in bfloat16 in the two perturbed variants with each target's default tile config, and
+every other tuning candidate of that target's table (:func:`attention_configs`: sm_80 and sm_90
+differ) in the register-heaviest ("joint") variant; the
 "plain" and one "joint" case also with K/V through TMA descriptors (sm_90 only: TMA is
 Hopper's). float16 compiles to the same code as bfloat16 (a full sweep gave identical register
 counts in every variant), so it covers the tightest cases only; float32 (IEEE dots, separate
@@ -58,15 +59,17 @@ CASES = [("plain-bf16-d64", _attention(torch.bfloat16, 64, PLAIN, 0)),
 for _d in (40, 64, 80, 128, 160):
     CASES.append((f"mixed-bf16-d{_d}", _attention(torch.bfloat16, _d, MIXED, 0)))
     CASES.append((f"joint-bf16-d{_d}", _attention(torch.bfloat16, _d, MIXED, JOINT_TEXT)))
-    for _config_ in K.attention_configs(_d, torch.bfloat16)[1:]:
-        CASES.append((f"candidate-{'x'.join(map(str, _config_))}-joint-bf16-d{_d}",
-                      _config(torch.bfloat16, _d, MIXED, JOINT_TEXT, _config_, False)))
+    for _arch, _label in (((8, 0), "sm_80"), ((9, 0), "sm_90")):  # each generation's own table
+        for _config_ in K.attention_configs(_d, torch.bfloat16, _arch)[1:]:
+            CASES.append((f"candidate-{_label}-{'x'.join(map(str, _config_))}-joint-bf16-d{_d}",
+                          _config(torch.bfloat16, _d, MIXED, JOINT_TEXT, _config_, False), (_label,)))
 for _d in (64, 160):
     CASES.append((f"tma-plain-bf16-d{_d}",
-                  _config(torch.bfloat16, _d, PLAIN, 0, K.attention_configs(_d, torch.bfloat16)[0], True), HOPPER))
+                  _config(torch.bfloat16, _d, PLAIN, 0, K.attention_configs(_d, torch.bfloat16, (9, 0))[0], True),
+                  HOPPER))
 CASES.append(("tma-joint-bf16-d128",
-              _config(torch.bfloat16, 128, MIXED, JOINT_TEXT, K.attention_configs(128, torch.bfloat16)[0], True),
-              HOPPER))
+              _config(torch.bfloat16, 128, MIXED, JOINT_TEXT, K.attention_configs(128, torch.bfloat16, (9, 0))[0],
+                      True), HOPPER))
 for _d in (40, 128):
     CASES.append((f"joint-fp16-d{_d}", _attention(torch.float16, _d, MIXED, JOINT_TEXT)))
 # float32 with head dim > 128 is not served by the triton backend on CUDA (it spills).

@@ -6,7 +6,9 @@ as Triton's launcher does (same specialisation on alignment and on 1), then comp
 to cubin for each target with Triton's own compiler and ptxas. The launchers are driven by the
 ``CASES`` of every ``tests/aot_<op>.py`` module — ``(name, case)``, or ``(name, case, targets)``
 for a case that only some targets run (TMA: sm_90) — with CPU tensors of representative shapes,
-dtypes and layouts; only their data pointers' alignment and dtypes matter.
+dtypes and layouts; only their data pointers' alignment and dtypes matter. Each case runs once per
+target with ``guidance_kernels.triton._common.CPU_CAPABILITY`` set to it, so that the launchers pick
+that GPU generation's tiles.
 
 This catches what the interpreter does not (illegal constexpr use, type mismatches between
 branches, unsupported ops) and reports per kernel, as JSON on stdout: registers and spills, shared
@@ -178,19 +180,27 @@ def main() -> int:
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here))
     only = sys.argv[1:]
+    from guidance_kernels.triton import _common
+
     for path in sorted(here.glob("aot_*.py")):
         module = importlib.import_module(path.stem)
         for name, case, *targets in module.CASES:
             if only and not any(o in f"{path.stem}:{name}" for o in only):
                 continue
             _CURRENT_CASE[0] = f"{path.stem}:{name}"
-            _CURRENT_TARGETS[0] = targets[0] if targets else tuple(label for _, label in TARGETS)
-            try:
-                case()
-            except Exception as exc:
-                records.append({"case": _CURRENT_CASE[0], "ok": False, "kernel": None, "target": None,
-                                "error": "launcher raised: " + "".join(
-                                    traceback.format_exception_only(type(exc), exc)).strip()})
+            # one launch per target: the launchers choose tiles per GPU generation, and CPU tensors
+            # tile for _common.CPU_CAPABILITY
+            for capability, label in TARGETS:
+                if label not in (targets[0] if targets else (label,)):
+                    continue
+                _CURRENT_TARGETS[0] = (label,)
+                _common.CPU_CAPABILITY = divmod(capability, 10)
+                try:
+                    case()
+                except Exception as exc:
+                    records.append({"case": _CURRENT_CASE[0], "ok": False, "kernel": None, "target": label,
+                                    "error": "launcher raised: " + "".join(
+                                        traceback.format_exception_only(type(exc), exc)).strip()})
     json.dump(records, sys.stdout, indent=1)
     return 0
 

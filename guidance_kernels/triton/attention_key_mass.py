@@ -32,11 +32,11 @@ import triton.language as tl
 from .._library import AttentionKeyMassArgs
 from .._spec import heads_view
 from . import guided_attention as GA
-from ._common import LOG2E, device_guard
+from ._common import LOG2E, capability, device_guard
 
 MASS_BLOCK = 256
 
-def configs(head_dim: int, dtype: torch.dtype) -> tuple:
+def configs(head_dim: int, dtype: torch.dtype, arch: tuple[int, int] = (9, 0)) -> tuple:
     """(BLOCK_M queries, BLOCK_N keys, num_warps, num_stages) candidates of both passes, default
     first: guided_attention's table (the forward is its plain flash attention), and fp32 head dims
     above 128 — served here, unlike guided_attention's CUDA route — in 16×16 tiles, one stage. Both
@@ -45,7 +45,7 @@ def configs(head_dim: int, dtype: torch.dtype) -> tuple:
     each pass is timed on its own (the MMA's summation order does not depend on the tile)."""
     if dtype == torch.float32 and sum(GA.head_split(head_dim)) > 128:
         return ((16, 16, 8, 1),)
-    return GA.attention_configs(head_dim, dtype)
+    return GA.attention_configs(head_dim, dtype, arch)
 
 
 @triton.jit
@@ -239,11 +239,12 @@ def attention_key_mass(a: AttentionKeyMassArgs):
     partial = torch.empty((len(wanted), heads, n_k), dtype=torch.float32, device=q.device)
     shape_class = (q.device.index, q.dtype, head_dim, triton.next_power_of_2(n_k),
                    triton.next_power_of_2(triton.cdiv(n_q, 128) * batch * heads))
-    config = GA.tuned(("key_mass_forward", *shape_class), configs(head_dim, q.dtype), q,
+    candidates = configs(head_dim, q.dtype, capability(q))
+    config = GA.tuned(("key_mass_forward", *shape_class), candidates, q,
                       lambda c: forward(q4, k4, v4, o4, lse, qk_scale, c))
     forward(q4, k4, v4, o4, lse, qk_scale, config)
     if wanted:
-        config = GA.tuned(("key_mass_colsum", *shape_class, len(wanted)), configs(head_dim, q.dtype), q,
+        config = GA.tuned(("key_mass_colsum", *shape_class, len(wanted)), candidates, q,
                           lambda c: column_sums(partial, lse, q4, k4, wanted, qk_scale, c))
         column_sums(partial, lse, q4, k4, wanted, qk_scale, config)
         with device_guard(out):

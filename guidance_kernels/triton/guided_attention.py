@@ -50,8 +50,9 @@ Two backends share these kernels (``backends`` registers both, each with its own
 
 fp32 inputs use IEEE fp32 dot products (never tf32). Item and head offsets are int64; offsets
 inside one (item, head) slice are int32 unless the slice spans 2**31 elements (``OFF64``).
-Tile sizes: :func:`attention_configs` (candidates per head dim, spill-free for sm_80 and sm_90 per
-the AOT compile lane), the fastest timed once per shape class on a GPU (:func:`tuned`).
+Tile sizes: :func:`attention_configs` (candidates per GPU generation and head dim, spill-free for
+sm_80 and sm_90 per the AOT compile lane), the fastest timed once per shape class on a GPU
+(:func:`tuned`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ from .._layout import put_items, sdpa, take_items
 from .._library import GuidedAttentionArgs, attention_out
 from .._spec import Mode
 from ..backends import triton_interpreter
-from ._common import LOG2E, device_guard, index_tensor
+from ._common import LOG2E, capability, device_guard, index_tensor
 from .gaussian_blur_2d import Geometry, blur_into, spatial_sums
 
 
@@ -127,29 +128,42 @@ def padded_dim(head_dim: int) -> int:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per (D0, D1) for fp16/bf16, fastest expected
 # first: the first is the default (and what runs in the interpreter, under CUDA-graph capture and
-# before tuning); the others are timed on the first call per tuning key (:func:`_tuned`). Every
-# entry compiles without spills for sm_80 and sm_90 in every variant of the main kernel
-# (tests/aot_guided_attention.py) and needs ≤ 99 KiB of shared memory (sm_86 / sm_89); 128×128
-# tiles where the registers allow.
-HALF_CONFIGS = {
+# before tuning); the others are timed on the first call per tuning key (:func:`tuned`). Every
+# entry compiles without spills or stack frame for its GPU generation in every variant of the main
+# kernel (tests/aot_guided_attention.py) and needs ≤ 99 KiB of shared memory (sm_86 / sm_89).
+# Hopper (wgmma, 64K registers per 128-row warpgroup tile): 128×128 tiles where the registers allow.
+HOPPER_CONFIGS = {
     (64, 0): ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
     (128, 0): ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
     (128, 32): ((128, 64, 8, 2), (64, 64, 4, 2)),
     (64, 16): ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
     (32, 16): ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
 }
+# Ampere / Ada and the rest (mma.sync: the accumulators and the A operands live in the registers
+# of each warp): at d ≥ 80 the Hopper tiles keep 8–330 B stack frames on sm_80 (255 registers),
+# and so do 4-warp tiles; 8 warps on narrower key tiles, one stage at d = 160.
+AMPERE_CONFIGS = {
+    (64, 0): ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
+    (128, 0): ((128, 32, 8, 3), (64, 64, 8, 3)),
+    (128, 32): ((64, 32, 8, 1),),
+    (64, 16): ((128, 64, 8, 3), (64, 64, 8, 3)),
+    (32, 16): ((128, 64, 8, 3), (64, 64, 4, 3)),
+}
 HALF_FALLBACK = ((64, 64, 4, 2), (64, 32, 4, 2))  # other head dims: small tiles first (256 = 256 + 0)
 
 
-def attention_configs(head_dim: int, dtype: torch.dtype) -> tuple[tuple[int, int, int, int], ...]:
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of the main kernel, default first.
+def attention_configs(head_dim: int, dtype: torch.dtype,
+                      arch: tuple[int, int] = (9, 0)) -> tuple[tuple[int, int, int, int], ...]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of the main kernel, default first,
+    for a GPU of compute capability ``arch`` (sm_90 / sm_100: the Hopper table; others: the sm_80 one).
 
     fp32 inputs use IEEE fp32 dots on the CUDA cores (never tf32), register hungry: 16×16 tiles,
     one candidate; fp32 head dims above 128 spill at any tile, so the backend check sends them to
     the torch backend on CUDA (the interpreter still runs them)."""
     if dtype == torch.float32:
         return ((16, 16, 4 if sum(head_split(head_dim)) <= 64 else 8, 2),)
-    return HALF_CONFIGS.get(head_split(head_dim), HALF_FALLBACK)
+    table = HOPPER_CONFIGS if arch[0] in (9, 10) else AMPERE_CONFIGS
+    return table.get(head_split(head_dim), HALF_FALLBACK)
 
 
 _TUNED: dict[tuple, tuple] = {}
@@ -634,7 +648,7 @@ def _tuning_key(a: GuidedAttentionArgs, codes) -> tuple:
 
 
 def _run(a: GuidedAttentionArgs, out, codes, slots, qb, part, n_part) -> None:
-    configs = attention_configs(a.q.shape[3], a.q.dtype)
+    configs = attention_configs(a.q.shape[3], a.q.dtype, capability(a.q))
     config = tuned(_tuning_key(a, codes), configs, a.q,
                    lambda c: _launch(a, out, codes, slots, qb, part, n_part, c))
     _launch(a, out, codes, slots, qb, part, n_part, config)
