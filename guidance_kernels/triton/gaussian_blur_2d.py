@@ -413,14 +413,17 @@ class Pass:
     xvec: int = 0
     nc: int = 0
     block_p: int = 1  # NCHW planes per tile (xvec > 0)
+    warps: int = NUM_WARPS  # fewer for narrow tiles: every thread still loads 16 bytes
 
 
-def _tiles(geo: Geometry, elem: int, rows: int, cols: int) -> tuple[int, int]:
-    """(BLOCK_X, BLOCK_J): one 16-byte vector of contiguous channels per thread per load."""
+def _tiles(geo: Geometry, elem: int, rows: int, cols: int) -> tuple[int, int, int]:
+    """(BLOCK_X, BLOCK_J, warps): one 16-byte vector of contiguous channels per thread per load
+    (all the channels when fewer; a grid narrower than the tile runs fewer warps rather than
+    shorter vectors)."""
     vec = max(1, 16 // elem)
     block_j = min(triton.next_power_of_2(geo.inner), 64)
     block_x = min(triton.next_power_of_2(cols), max(1, vec * 32 * NUM_WARPS // block_j))
-    return block_x, block_j
+    return block_x, block_j, max(1, min(NUM_WARPS, block_x * block_j // (min(vec, block_j) * 32)))
 
 
 def _fma(k_rows: int, k_cols: int, rows: int, block_y: int) -> float:
@@ -452,7 +455,7 @@ def _best_pass(geo: Geometry, elem: int, k_rows: int, k_cols: int, rows: int, co
     """The cheapest tiles of one pass: ``BLOCK_Y`` such that the accumulator (BLOCK_Y vectors of
     fp32 per thread) stays ≤ 64 registers (more spills on sm_90 with the column taps) and the launch has at least half the target programs
     where it can."""
-    block_x, block_j = _tiles(geo, elem, rows, cols)
+    block_x, block_j, warps = _tiles(geo, elem, rows, cols)
     per_thread = max(1, 16 // elem)
     options = []
     for block_y in (16, 8, 4, 2, 1):
@@ -461,7 +464,7 @@ def _best_pass(geo: Geometry, elem: int, k_rows: int, k_cols: int, rows: int, co
         programs = outputs // max(1, block_y * block_x * block_j)
         options.append((programs < target // 2, _fma(k_rows, k_cols, rows, block_y), block_y))
     _, cost, block_y = min(options)
-    return cost, Pass(block_y, block_x, block_j, k_cols > 1)
+    return cost, Pass(block_y, block_x, block_j, k_cols > 1, warps=warps)
 
 
 MAX_CHUNKS = 2  # neighbour chunks each side of the NCHW column taps (pad ≤ 2 vectors)
@@ -545,7 +548,7 @@ def _launch_pass(out: torch.Tensor, out_geo: Geometry, x: torch.Tensor, geo: Geo
             geo.width, pad, cols_w.numel() // 2, cols_w.numel(), trip, tiles_x, tiles_j, tiles_y,
             *strides(geo), *strides(out_geo), HAS_ITEMS=items is not None, COLS=plan.cols,
             EVEN_J=geo.inner % plan.block_j == 0, ALIGN=align, BLOCK_Y=plan.block_y, BLOCK_X=plan.block_x,
-            BLOCK_J=plan.block_j, num_warps=NUM_WARPS)
+            BLOCK_J=plan.block_j, num_warps=plan.warps)
 
 
 def _launch_nchw(out: torch.Tensor, out_geo: Geometry, x: torch.Tensor, geo: Geometry, fold: torch.Tensor,

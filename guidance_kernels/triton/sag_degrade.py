@@ -198,8 +198,9 @@ def sag_degrade(a: SagDegradeArgs):
     cl = channels > 1 and all(t.stride(1) == 1 for t in tensors)
     if cl:
         geo = Geometry(1, channels, height, width, (strides[0], 0, 1, strides[2], strides[3]))
-    block_x, block_j = _tiles(geo, x0.element_size(), height, width)
-    block_y = _rows_per_program(len(taps), height, max(1, block_x * block_j // (32 * NUM_WARPS)),
+    block_x, block_j, warps = _tiles(geo, x0.element_size(), height, width)
+    flags["num_warps"] = warps
+    block_y = _rows_per_program(len(taps), height, max(1, block_x * block_j // (32 * warps)),
                                 batch * channels * height * width // (block_x * block_j), target)
     align = _align(tensors) if cl else 1
     scaled = [s if d == 1 else s // align for t in tensors for d, s in enumerate(t.stride())]
