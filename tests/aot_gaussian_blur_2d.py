@@ -11,11 +11,11 @@ SHAPES = {"nchw": (2, 4, 64, 64), "bnc": (2, 32 * 32, 640), "bhnd": (2, 10, 64 *
 GRIDS = {"nchw": (64, 64), "bnc": (32, 32), "bhnd": (64, 64)}
 
 
-def _blur(dtype, layout, kernel_size, sigma):
+def _blur(dtype, layout, kernel_size, sigma, head_dim=64, heads=10):
     def case():
         x = torch.zeros(SHAPES[layout], dtype=dtype)
         if layout == "bhnd":  # diffusers' (B, N, heads, d) memory
-            x = x.view(2, 64 * 64, 10, 64).transpose(1, 2)
+            x = torch.zeros(2, 64 * 64, heads, head_dim, dtype=dtype).transpose(1, 2)
         h, w = GRIDS[layout]
         K.gaussian_blur_2d(GaussianBlur2dArgs(x, h, w, layout, kernel_size, sigma))
     return case
@@ -30,3 +30,4 @@ for _dtype, _name in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.b
 CASES.append(("blur-k13-bf16-bhnd", _blur(torch.bfloat16, "bhnd", 13, 2.0)))
 CASES.append(("blur-k61-bf16-bhnd", _blur(torch.bfloat16, "bhnd", 61, 10.0)))
 CASES.append(("blur-k61-fp32-bhnd", _blur(torch.float32, "bhnd", 61, 10.0)))
+CASES.append(("blur-k7-bf16-bhnd-d40", _blur(torch.bfloat16, "bhnd", 7, 1.0, head_dim=40, heads=8)))  # SD1.5

@@ -10,9 +10,9 @@ from guidance_kernels.triton import sag_degrade as D
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _degrade(dtype, renoise, map_kind, kernel_size=9, channels_last=False):
+def _degrade(dtype, renoise, map_kind, kernel_size=9, channels_last=False, channels=4):
     def case():
-        x0 = torch.zeros(2, 4, 64, 64, dtype=dtype)
+        x0 = torch.zeros(2, channels, 64, 64, dtype=dtype)
         if channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
         if map_kind == "mass":
@@ -34,3 +34,5 @@ for _dtype in DTYPES:
 CASES.append(("degrade-torch.float16-kdiff-bool-mask", _degrade(torch.float16, "kdiff", "bool")))
 CASES.append(("degrade-torch.bfloat16-none-float-mask-k15-channels-last",
               _degrade(torch.bfloat16, "none", "float", 15, True)))
+CASES.append(("degrade-torch.bfloat16-ddpm-channels-last-c16",  # SD3 / Flux latents
+              _degrade(torch.bfloat16, "ddpm", "mass", 9, True, channels=16)))

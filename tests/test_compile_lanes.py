@@ -29,6 +29,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import HAS_TRITON
 from helpers import needs
 
@@ -87,6 +88,105 @@ def test_contiguous_combine_uses_128_bit_loads(aot_records):
     rows = [r for r in aot_records if r["case"].endswith("combine-torch.bfloat16-contiguous")
             and r["kernel"] == "_combine_kernel"]
     assert rows and all(r["global_loads"].get("v4.b32", 0) >= 3 for r in rows), rows
+
+
+HALF_ATTENTION = ("bf16", "fp16", "float16", "bfloat16")
+HEAD_DIMS = (40, 64, 80, 128, 160)
+
+
+def _attention_records(aot_records, kernel, target):
+    return [r for r in aot_records if r["kernel"] == kernel and r["target"] == target
+            and any(t in r["case"] for t in HALF_ATTENTION)]
+
+
+def _head_dim(record) -> int:
+    return int(re.search(r"-d(\d+)$", record["case"]).group(1))
+
+
+def _mma_kinds(record) -> set[str]:
+    return {op.split(".")[0] for op in record["sass"]["ops"] if "MMA" in op and not op.startswith("HFMA2")}
+
+
+def test_attention_kernels_use_wgmma_on_sm90(aot_records):
+    """Every 16-bit attention kernel (main kernel, key-mass forward and column sums) runs its dots
+    on Hopper's warpgroup MMA (HGMMA, wgmma) in every head dim served, never mma.sync (HMMA);
+    sm_80 runs mma.sync."""
+    for kernel in ("_attention_kernel", "_forward_kernel", "_colsum_kernel"):
+        hopper = _attention_records(aot_records, kernel, "sm_90")
+        ampere = _attention_records(aot_records, kernel, "sm_80")
+        assert hopper and ampere, kernel
+        bad = [(r["case"], sorted(_mma_kinds(r))) for r in hopper if _mma_kinds(r) != {"HGMMA"}]
+        assert not bad, f"{kernel} sm_90 not on wgmma only: {bad}"
+        assert all(_mma_kinds(r) == {"HMMA"} for r in ampere), kernel
+    dims = {_head_dim(r) for r in _attention_records(aot_records, "_attention_kernel", "sm_90")}
+    assert dims >= set(HEAD_DIMS), dims
+
+
+def test_attention_tiles_follow_each_targets_table(aot_records):
+    """The launch tiles of the default cases are that target's table's first entry (the lane
+    compiles sm_80 and sm_90 with their own tiles), and sm_90 compiles 128x128 tiles spill-free at
+    d = 40, 64, 80 and 128."""
+    from guidance_kernels.triton.guided_attention import attention_configs
+
+    for target, arch in (("sm_80", (8, 0)), ("sm_90", (9, 0))):
+        rows = [r for r in _attention_records(aot_records, "_attention_kernel", target)
+                if re.search(r":(mixed|joint)-bf16-d\d+$", r["case"])]
+        assert {_head_dim(r) for r in rows} == set(HEAD_DIMS)
+        for r in rows:
+            block_m, block_n, warps, stages = attention_configs(_head_dim(r), torch.bfloat16, arch)[0]
+            c = r["constants"]
+            assert (c["BLOCK_M"], c["BLOCK_N"], r["num_warps"], c["STAGES"]) == (block_m, block_n, warps, stages), r
+    wide = {_head_dim(r) for r in _attention_records(aot_records, "_attention_kernel", "sm_90")
+            if (r["constants"]["BLOCK_M"], r["constants"]["BLOCK_N"]) == (128, 128)}
+    assert wide >= {40, 64, 80, 128}, wide
+
+
+def test_key_mass_column_sums_reduce_once(aot_records):
+    """attention_key_mass pass 2 keeps its column sums in registers: its query-tile loop (the
+    innermost loop holding the exp2) has no warp shuffle, and on sm_90 in 16 bits no shared-memory
+    store either (the cross-warp reduction happens once, after the loop; the loads are cp.async /
+    wgmma operands; fp32 tiles and sm_80's one-stage d = 160 tiles stage their operands with STS)."""
+    rows = [r for r in aot_records if r["kernel"] == "_colsum_kernel"]
+    assert {r["target"] for r in rows} == {"sm_80", "sm_90"}
+    for r in rows:
+        hot = [loop["ops"] for loop in r["sass"]["loops"] if any(op.startswith("MUFU.EX2") for op in loop["ops"])]
+        assert hot, f"{r['case']} {r['target']}: no exp2 loop found"
+        for ops in hot:
+            shuffles = sum(n for op, n in ops.items() if op.startswith("SHFL"))
+            stores = sum(n for op, n in ops.items() if op.startswith("STS"))
+            assert shuffles == 0, (r["case"], r["target"], ops)
+            if r["target"] == "sm_90" and any(t in r["case"] for t in HALF_ATTENTION):
+                assert stores == 0, (r["case"], r["target"], ops)
+
+
+def _elements_per_thread(record) -> int:
+    c = record["constants"]
+    if "VEC" in c:  # contiguous NCHW: one aligned chunk of VEC elements per thread
+        return c["VEC"]
+    return c["BLOCK_X"] * c["BLOCK_J"] // (32 * record["num_warps"])
+
+
+def test_blurs_use_16_byte_loads_on_sm90(aot_records):
+    """The blur and degrade kernels' hot loop (the innermost loop with the most FMAs) reads the
+    data with 16-byte loads (LDG.E.128) wherever the tile holds 16 bytes per thread, and never with
+    1- or 2-byte gathers. (Tiles hold less where the layout or the grid is too narrow: 4 channels
+    of 2 bytes channels-last, one 8-byte pixel; the 8×8 grids of the attention cases at d = 40
+    and 80.)"""
+    kernels = ("_blur_kernel", "_blur_nchw_kernel", "_degrade_kernel", "_degrade_nchw_kernel")
+    rows = [r for r in aot_records if r["kernel"] in kernels and r["target"] == "sm_90"]
+    wide = []
+    for r in rows:
+        loops = [loop["ops"] for loop in r["sass"]["loops"]]
+        assert loops, r["case"]
+        hot = max(loops, key=lambda ops: sum(n for op, n in ops.items() if op.startswith("FFMA")))
+        narrow = [op for op in hot if op.startswith("LDG") and re.search(r"\.(U8|S8|U16|S16)\b", op)]
+        assert not narrow, (r["case"], r["kernel"], hot)
+        elem = 4 if re.search(r"fp32|float32", r["case"]) else 2
+        if _elements_per_thread(r) * elem >= 16:
+            wide.append(r)
+            assert "LDG.E.128" in hot, (r["case"], r["kernel"], hot)
+    assert {r["kernel"] for r in wide} == set(kernels)
+    assert any(r["case"].endswith("bhnd-d40") for r in wide)
 
 
 # --------------------------------------------------------------------------- nvcc lane

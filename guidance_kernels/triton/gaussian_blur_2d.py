@@ -421,7 +421,10 @@ def _tiles(geo: Geometry, elem: int, rows: int, cols: int) -> tuple[int, int, in
     (all the channels when fewer; a grid narrower than the tile runs fewer warps rather than
     shorter vectors)."""
     vec = max(1, 16 // elem)
-    block_j = min(triton.next_power_of_2(geo.inner), 64)
+    # channel tiles dividing D where 16-byte vectors do (d = 40: 8; an unmasked load vectorises,
+    # a load masked at a run-time D does not); else one masked tile covering D (up to 64)
+    divisor = min(geo.inner & -geo.inner, 64)
+    block_j = divisor if divisor >= vec else min(triton.next_power_of_2(geo.inner), 64)
     block_x = min(triton.next_power_of_2(cols), max(1, vec * 32 * NUM_WARPS // block_j))
     return block_x, block_j, max(1, min(NUM_WARPS, block_x * block_j // (min(vec, block_j) * 32)))
 
