@@ -130,8 +130,8 @@ def padded_dim(head_dim: int) -> int:
 # first: the first is the default (and what runs in the interpreter, under CUDA-graph capture and
 # before tuning); the others are timed on the first call per tuning key (:func:`tuned`). Every
 # entry compiles without spills or stack frame for its GPU generation in every variant of the main
-# kernel (tests/aot_guided_attention.py) and needs ≤ 99 KiB of shared memory (sm_86 / sm_89).
-# Hopper (wgmma, 64K registers per 128-row warpgroup tile): 128×128 tiles where the registers allow.
+# kernel (tests/aot_guided_attention.py) and fits its generation's shared memory (the sm_80 table:
+# ≤ 99 KiB, sm_86 / sm_89). Hopper (wgmma): 128×128 tiles where the registers allow.
 HOPPER_CONFIGS = {
     (64, 0): ((128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
     (128, 0): ((128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)),
