@@ -22,7 +22,7 @@ def device_guard(t: torch.Tensor):
 CPU_CAPABILITY = (9, 0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
