@@ -81,7 +81,8 @@ def does_cuda_work(item) -> bool:
 
 
 ONE_WORKER_MODULES = {"test_compile_lanes", "test_extension_build", "test_guidance_combine_host",
-                      "test_sag_degrade_host", "test_comfyui", "test_gpu_kit", "test_parallel"}
+                      "test_fdg_combine_host", "test_sag_degrade_host", "test_comfyui", "test_gpu_kit",
+                      "test_parallel"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -91,8 +92,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__ if item.module is not None else ""
         if module in ONE_WORKER_MODULES:
-            # with pytest-xdist (--dist loadgroup): these modules build something expensive once per
-            # module (compiled lanes, the extension, host emulators, ComfyUI models): one worker each
+            # with pytest-xdist (--dist loadgroup): these modules build something expensive once
+            # (compiled lanes, the extension, host emulators, ComfyUI models): one worker each.
+            # NOTE: under pytest 9.2 + pytest-xdist 3.8 loadgroup does not group (even a static
+            # xdist_group mark is spread over the workers), so each worker builds its own copy.
             item.add_marker(pytest.mark.xdist_group(module))
         if HAS_CUDA and does_cuda_work(item):
             item.add_marker(pytest.mark.gpu)

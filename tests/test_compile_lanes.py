@@ -44,7 +44,7 @@ NVCC_TARGETS = {"sm_80": "arch=compute_80,code=sm_80", "sm_90a": "arch=compute_9
 MAX_REGISTERS = 128
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def aot_records():
     needs(HAS_TRITON, "triton is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -222,7 +222,7 @@ def _ptxas_records(report: str) -> list[dict]:
     return records
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def nvcc_report(tmp_path_factory):
     needs(shutil.which("nvcc") is not None, "nvcc is not on PATH")
     out = tmp_path_factory.mktemp("nvcc")
@@ -264,7 +264,7 @@ def test_nvcc_kernels_do_not_spill(nvcc_report):
 # --------------------------------------------------------------------------- launcher lane
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def launcher_objects(tmp_path_factory):
     include = os.environ.get("GK_TORCH_CUDA_INCLUDE", "")
     needs(bool(include), "GK_TORCH_CUDA_INCLUDE is not set (the torch/include dir of a CUDA build of torch)")

@@ -43,7 +43,7 @@ def _cuda_home() -> str | None:
     return None
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def built(tmp_path_factory) -> Path:
     if torch.version.cuda is None:
         if os.environ.get("GK_EXPECT_CUDA_TORCH", "0") not in ("", "0"):
@@ -73,7 +73,7 @@ def _probe(copy: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def probe(built) -> dict:
     return _probe(built)
 

@@ -65,7 +65,7 @@ class FdgFakeExtension(FakeExtension):
         self.fdg_calls += 1
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hosts(tmp_path_factory):
     directory = tmp_path_factory.mktemp("host")
     return Host(host_lane.build_gxx("guidance_combine_host", directory)), host_lane.build_gxx("fdg_combine_host",

@@ -29,7 +29,7 @@ rehearsal = pytest.mark.skipif(torch.version.cuda is None, reason="the rehearsal
                                "the GPU image (scripts/test.sh's torch 2.11 run has one)")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tree(tmp_path_factory) -> Path:
     """The tree as the GPU machine receives it: the sources, no .git, no environments or outputs."""
     dest = tmp_path_factory.mktemp("kit") / "tree"

@@ -44,7 +44,7 @@ class Host:
         return host_lane.run(self.exe, request)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def host(tmp_path_factory) -> Host:
     return Host(host_lane.build_gxx(NAME, tmp_path_factory.mktemp("host")))
 

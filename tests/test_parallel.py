@@ -350,7 +350,7 @@ def _worker(rank: int, world: int, init: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def job(tmp_path_factory):
     """The 4-process job's records: case -> {rank: record}."""
     out = tmp_path_factory.mktemp("parallel")

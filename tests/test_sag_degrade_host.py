@@ -27,7 +27,7 @@ from helpers import DTYPES, assert_close_to_truth, make_strided, to64
 MAX_PLANES = 65535  # gridDim.z of the launcher
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def host(tmp_path_factory) -> Path:
     return host_lane.build_gxx("sag_degrade_host", tmp_path_factory.mktemp("host"))
 
